@@ -1,0 +1,1177 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * corral's kernel sensor: one program per hook, each of which first asks
+ * "is the current task in a watched cgroup?" (one hash lookup) and returns
+ * at once when it is not, so unrelated host activity costs almost nothing.
+ *
+ * Only tracepoints (tp/, tp_btf/) are used: kprobes, fentry and LSM programs
+ * are not available on every host corral runs on.  Syscall tracepoints fire
+ * only for their own syscall, which keeps the cost on unwatched processes
+ * lower than one sys_enter program for every syscall.
+ *
+ * Records are defined in corral.h and decoded by src/corral/sensor/records.py.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "corral.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Configuration, set from Python before load (frozen afterwards). */
+const volatile bool host_wide = false;        /* watch every task, not only watched cgroups */
+const volatile bool trace_all_opens = false;  /* debug: report every open, not only watched paths */
+const volatile __u32 monitor_pid = 0;         /* never report the monitor itself */
+
+#define AF_UNIX 1
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define AT_FDCWD -100
+#define MAX_PATH_DEPTH 32
+#define CLONE_NS_FLAGS (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | \
+			0x10000000 | 0x20000000 | 0x40000000 | 0x00000080)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 24);
+} events SEC(".maps");
+
+/* Records the kernel could not reserve in the ring buffer, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} dropped SEC(".maps");
+
+/* cgroup v2 id -> (sandbox, step).  The in-kernel scope of the sensor. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct watch);
+} watched SEC(".maps");
+
+/* Path prefixes whose open/unlink/rename is reported (longest-prefix match). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct path_key);
+	__type(value, __u32);
+} watched_prefixes SEC(".maps");
+
+/* Inodes whose opening is always reported, under any name (canary files). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct inode_key);
+	__type(value, __u32);
+} watched_inodes SEC(".maps");
+
+/* Syscall arguments saved at entry for the exit handler. LRU: a task killed
+ * inside a syscall never reaches its exit tracepoint. */
+struct inflight {
+	__u64 args[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct inflight);
+} inflight SEC(".maps");
+
+/* Per-CPU room for records and paths too large for the 512-byte stack. */
+struct scratch {
+	char buf[2 * PATH_LEN];
+	struct path_key key;
+	struct exec_event exec;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_map SEC(".maps");
+
+/* The scope reported for tasks seen only because of host_wide. */
+const volatile struct watch host_watch = {};
+
+/* Put every record type into the object's BTF (types used only inside
+ * inlined functions are left out), so user space can check its layouts. */
+struct exec_event *btf_exec_event __attribute__((unused));
+struct net_event *btf_net_event __attribute__((unused));
+struct file_event *btf_file_event __attribute__((unused));
+struct sys_event *btf_sys_event __attribute__((unused));
+
+/* ---- scope and headers -------------------------------------------------- */
+
+static __always_inline const struct watch *current_watch(__u64 cgroup_id)
+{
+	const struct watch *w = bpf_map_lookup_elem(&watched, &cgroup_id);
+
+	if (w)
+		return w;
+	if (host_wide && (bpf_get_current_pid_tgid() >> 32) != monitor_pid)
+		return (const struct watch *)&host_watch;
+	return NULL;
+}
+
+static __always_inline void count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *count = bpf_map_lookup_elem(&dropped, &zero);
+
+	if (count)
+		*count += 1;
+}
+
+static __always_inline void fill_header(struct event_header *h, __u32 type,
+					 const struct watch *w, __u64 cgroup_id)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	h->ts_ns = bpf_ktime_get_boot_ns();
+	h->cgroup_id = cgroup_id;
+	h->type = type;
+	h->pid = pid_tgid >> 32;
+	h->tid = (__u32)pid_tgid;
+	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	h->uid = (__u32)bpf_get_current_uid_gid();
+	h->sandbox_id = w->sandbox_id;
+	h->step_id = w->step_id;
+	h->_pad = 0;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+/* Reserve a record of a fixed type; counts the drop when the ring is full. */
+#define RESERVE(rec_type, evtype, w, cgid)                                       \
+	({                                                                         \
+		rec_type *__r = bpf_ringbuf_reserve(&events, sizeof(rec_type), 0); \
+		if (__r)                                                           \
+			fill_header(&__r->hdr, evtype, w, cgid);                   \
+		else                                                               \
+			count_drop();                                              \
+		__r;                                                               \
+	})
+
+static __always_inline struct sys_event *reserve_sys(__u32 type, const struct watch *w,
+						       __u64 cgid)
+{
+	struct sys_event *e = RESERVE(struct sys_event, type, w, cgid);
+
+	if (e) {
+		__builtin_memset(e->arg, 0, sizeof(e->arg));
+		e->str[0] = 0;
+		e->str2[0] = 0;
+		e->str3[0] = 0;
+	}
+	return e;
+}
+
+/* The common prologue of every syscall handler. */
+#define WATCHED_OR_RETURN(w, cgid)                 \
+	__u64 cgid = bpf_get_current_cgroup_id(); \
+	const struct watch *w = current_watch(cgid); \
+	if (!w)                                    \
+		return 0
+
+/* ---- files, sockets and paths ------------------------------------------ */
+
+static __always_inline struct file *task_fd_file(struct task_struct *task, long fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *f = NULL;
+
+	if (fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+static __always_inline struct socket *file_socket(struct file *f)
+{
+	if (!f)
+		return NULL;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	return (struct socket *)BPF_CORE_READ(f, private_data);
+}
+
+static __always_inline struct socket *fd_socket(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	return file_socket(task_fd_file(task, fd));
+}
+
+/* Type, protocol, local port and (when `peer`) the remote end of a socket. */
+static __always_inline void read_socket(struct net_event *e, struct socket *sock, bool peer)
+{
+	struct sock *sk;
+	__u16 family;
+
+	if (!sock)
+		return;
+	sk = BPF_CORE_READ(sock, sk);
+	e->sock_type = BPF_CORE_READ(sock, type);
+	e->protocol = BPF_CORE_READ(sk, sk_protocol);
+	e->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!peer)
+		return;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->family = family;
+	e->port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		__u32 a = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(e->addr, &a, 4);
+	} else if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&e->addr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
+/* Local address of a socket (listen). */
+static __always_inline void read_socket_local(struct net_event *e, struct socket *sock)
+{
+	struct sock *sk;
+	__u16 family;
+
+	if (!sock)
+		return;
+	sk = BPF_CORE_READ(sock, sk);
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->family = family;
+	e->port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (family == AF_INET) {
+		__u32 a = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__builtin_memcpy(e->addr, &a, 4);
+	} else if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&e->addr, sk, __sk_common.skc_v6_rcv_saddr);
+	}
+}
+
+/* Parse a user sockaddr into family/port/addr (or the AF_UNIX path). */
+static __always_inline void read_user_sockaddr(struct net_event *e, const void *uaddr, long len)
+{
+	struct {
+		__u16 family;
+		__u16 port;
+		__u32 v4_or_flowinfo;
+		__u8 v6[16];
+	} sa = {};
+
+	if (!uaddr || len < 2)
+		return;
+	if (bpf_probe_read_user(&sa, sizeof(sa), uaddr) < 0 &&
+	    bpf_probe_read_user(&sa, 16, uaddr) < 0)
+		return;
+	e->family = sa.family;
+	if (sa.family == AF_INET) {
+		e->port = bpf_ntohs(sa.port);
+		__builtin_memcpy(e->addr, &sa.v4_or_flowinfo, 4);
+	} else if (sa.family == AF_INET6) {
+		e->port = bpf_ntohs(sa.port);
+		__builtin_memcpy(e->addr, sa.v6, 16);
+	} else if (sa.family == AF_UNIX) {
+		char first = 0;
+
+		bpf_probe_read_user(&first, 1, uaddr + 2);
+		if (first) {
+			bpf_probe_read_user_str(e->unix_path, sizeof(e->unix_path), uaddr + 2);
+		} else {
+			/* abstract socket: shown as "@name", like ss(8) does */
+			e->unix_path[0] = '@';
+			bpf_probe_read_user_str(&e->unix_path[1], sizeof(e->unix_path) - 1,
+						uaddr + 3);
+		}
+	}
+}
+
+struct walk_ctx {
+	struct scratch *s;
+	struct dentry *dentry;
+	struct vfsmount *vfsmnt;
+	struct mount *mnt;
+	struct mount *mnt_parent;
+	__u32 off;
+	bool last;
+};
+
+/* One step of walk_path: prepend one name, or cross one mount point. */
+static long walk_step(__u32 i, struct walk_ctx *c)
+{
+	/* locals, not c->...: BPF_CORE_READ would relocate walk_ctx fields too */
+	struct dentry *dentry = c->dentry;
+	struct vfsmount *vfsmnt = c->vfsmnt;
+	struct mount *mnt = c->mnt;
+	struct dentry *mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
+	struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
+	struct qstr name;
+	__u32 len, off;
+
+	if (dentry == mnt_root || dentry == parent) {
+		if (dentry != mnt_root || mnt == c->mnt_parent)
+			return 1; /* the namespace root, or an unreachable dentry */
+		c->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
+		mnt = c->mnt_parent;
+		c->mnt = mnt;
+		c->mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
+		c->vfsmnt = &mnt->mnt;
+		return 0;
+	}
+	name = BPF_CORE_READ(dentry, d_name);
+	len = (name.len + 1) & (PATH_LEN - 1); /* the name and its '/' */
+	off = c->off;
+	if (len == 0 || len + 1 > off)
+		return 1; /* too deep for the buffer: keep the tail we have */
+	off -= len;
+	/* writes the name and a NUL; the NUL becomes the '/' after it */
+	if (bpf_probe_read_kernel_str(&c->s->buf[off & (PATH_LEN - 1)], len, name.name) < 0)
+		return 1;
+	if (!c->last)
+		c->s->buf[(off + len - 1) & (2 * PATH_LEN - 1)] = '/';
+	c->last = false;
+	c->off = off;
+	c->dentry = parent;
+	return 0;
+}
+
+/*
+ * Write the path of `path` into s->buf so that it ends just before
+ * s->buf[PATH_LEN] (which stays NUL); return where it starts.  Walks dentries
+ * up to the root of the task's mount namespace, crossing mount points, so
+ * bind mounts, symlinks and relative names all come out as the canonical
+ * absolute path.  Deeper than the buffer holds: the leading part is cut.
+ * bpf_loop keeps the verifier's work to one pass over the step.
+ */
+static __always_inline __u32 walk_path(struct scratch *s, const struct path *path)
+{
+	struct walk_ctx c = {
+		.s = s,
+		.dentry = BPF_CORE_READ(path, dentry),
+		.vfsmnt = BPF_CORE_READ(path, mnt),
+		.off = PATH_LEN,
+		.last = true,
+	};
+
+	struct mount *mnt = container_of(c.vfsmnt, struct mount, mnt);
+
+	c.mnt = mnt;
+	c.mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
+	s->buf[PATH_LEN] = 0;
+	bpf_loop(MAX_PATH_DEPTH, walk_step, &c, 0);
+	c.off = (c.off - 1) & (PATH_LEN - 1);
+	s->buf[c.off] = '/';
+	return c.off;
+}
+
+/*
+ * Resolve a user-supplied name the way openat(dfd, name) would, without
+ * following links: absolute names as given, relative ones appended to the
+ * directory of dfd (or the cwd).  The result is copied into s->key.path;
+ * returns its length with the NUL, or 0.
+ */
+static __always_inline long resolve_user_path(struct scratch *s, long dfd, const char *uname)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	char head[2] = {};
+	__u32 off;
+
+	if (!uname || bpf_probe_read_user(head, 2, uname) < 0)
+		return 0;
+	if (head[0] == '/')
+		return bpf_probe_read_user_str(s->key.path, PATH_LEN, uname);
+
+	/* drop leading "./" so "./.aws/credentials" still meets its prefix */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 4 && head[0] == '.' && head[1] == '/'; i++) {
+		uname += 2;
+		if (bpf_probe_read_user(head, 2, uname) < 0)
+			return 0;
+	}
+	if (dfd == AT_FDCWD) {
+		struct path pwd = BPF_CORE_READ(task, fs, pwd);
+
+		off = walk_path(s, &pwd);
+	} else {
+		struct file *f = task_fd_file(task, dfd);
+		struct path fpath;
+
+		if (!f)
+			return 0;
+		fpath = BPF_CORE_READ(f, f_path);
+		off = walk_path(s, &fpath);
+	}
+	/* the directory ends at buf[PATH_LEN - 1] (its NUL, or the '/' of "/") */
+	s->buf[PATH_LEN - 1] = '/';
+	if (bpf_probe_read_user_str(&s->buf[PATH_LEN], PATH_LEN, uname) < 0)
+		return 0;
+	return bpf_probe_read_kernel_str(s->key.path, PATH_LEN, &s->buf[off & (PATH_LEN - 1)]);
+}
+
+/* The canonical path of an open file into s->key.path; its length with the NUL. */
+static __always_inline long file_path(struct scratch *s, struct file *f)
+{
+	struct path fpath = BPF_CORE_READ(f, f_path);
+	__u32 off = walk_path(s, &fpath);
+
+	return bpf_probe_read_kernel_str(s->key.path, PATH_LEN, &s->buf[off & (PATH_LEN - 1)]);
+}
+
+static __always_inline bool prefix_watched(struct scratch *s, long len)
+{
+	if (len <= 1)
+		return false;
+	s->key.prefixlen = (len - 1) * 8;
+	return bpf_map_lookup_elem(&watched_prefixes, &s->key) != NULL;
+}
+
+static __always_inline struct scratch *get_scratch(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch_map, &zero);
+}
+
+/* ---- process lifecycle -------------------------------------------------- */
+
+static __always_inline bool fd_is_socket(struct task_struct *task, int fd)
+{
+	return file_socket(task_fd_file(task, fd)) != NULL;
+}
+
+SEC("tp/sched/sched_process_exec")
+int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct scratch *s;
+	struct exec_event *e;
+	unsigned long arg_start, arg_end, len;
+	struct path pwd;
+	struct qstr exe_name;
+	char exe_head[6] = {};
+	__u32 off;
+
+	WATCHED_OR_RETURN(w, cgid);
+	s = get_scratch();
+	if (!s)
+		return 0;
+	e = &s->exec;
+	fill_header(&e->hdr, EV_EXEC, w, cgid);
+	e->flags = 0;
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
+				  (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
+
+	arg_start = BPF_CORE_READ(task, mm, arg_start);
+	arg_end = BPF_CORE_READ(task, mm, arg_end);
+	len = arg_end - arg_start;
+	if (len >= ARGS_LEN) {
+		len = ARGS_LEN - 1;
+		e->flags |= EXEC_ARGS_TRUNCATED;
+	}
+	len &= ARGS_LEN - 1;
+	if (bpf_probe_read_user(e->args, len, (void *)arg_start) < 0)
+		len = 0;
+	e->args_len = len;
+
+	pwd = BPF_CORE_READ(task, fs, pwd);
+	off = walk_path(s, &pwd);
+	bpf_probe_read_kernel_str(e->cwd, sizeof(e->cwd), &s->buf[off & (PATH_LEN - 1)]);
+
+	if (fd_is_socket(task, 0))
+		e->flags |= EXEC_STDIN_SOCKET;
+	if (fd_is_socket(task, 1))
+		e->flags |= EXEC_STDOUT_SOCKET;
+	if (fd_is_socket(task, 2))
+		e->flags |= EXEC_STDERR_SOCKET;
+
+	if (bpf_ringbuf_output(&events, e, offsetof(struct exec_event, args) + len, 0) < 0)
+		count_drop();
+
+	/* A memfd has no path: its image never touched a filesystem. */
+	exe_name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name);
+	bpf_probe_read_kernel(exe_head, sizeof(exe_head), exe_name.name);
+	if (exe_head[0] == 'm' && exe_head[1] == 'e' && exe_head[2] == 'm' &&
+	    exe_head[3] == 'f' && exe_head[4] == 'd' && exe_head[5] == ':') {
+		struct sys_event *m = reserve_sys(EV_MEMFD_EXEC, w, cgid);
+
+		if (m) {
+			bpf_probe_read_kernel_str(m->str, sizeof(m->str), exe_name.name);
+			bpf_probe_read_kernel_str(m->str2, sizeof(m->str2), e->filename);
+			bpf_ringbuf_submit(m, 0);
+		}
+	}
+	return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(handle_fork, struct task_struct *parent, struct task_struct *child)
+{
+	struct sys_event *e;
+
+	if (child->pid != child->tgid) /* a new thread, not a new process */
+		return 0;
+	WATCHED_OR_RETURN(w, cgid);
+	e = reserve_sys(EV_FORK, w, cgid);
+	if (!e)
+		return 0;
+	e->arg[0] = child->tgid;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/sched/sched_process_exit")
+int handle_exit(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct sys_event *e;
+	int code;
+
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0; /* other threads still run: not the process's exit */
+	WATCHED_OR_RETURN(w, cgid);
+	e = reserve_sys(EV_EXIT, w, cgid);
+	if (!e)
+		return 0;
+	code = BPF_CORE_READ(task, exit_code);
+	e->arg[0] = (code >> 8) & 0xff;
+	e->arg[1] = code & 0x7f;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* ---- network ------------------------------------------------------------ */
+
+/* Takes the values, not ctx: a program may read only the arguments its
+ * syscall has, or attaching it fails with EACCES. */
+static __always_inline int save_args(long a0, long a1, long a2)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight v = { .args = { a0, a1, a2, 0 } };
+
+	bpf_map_update_elem(&inflight, &id, &v, BPF_ANY);
+	return 0;
+}
+
+/* Fetch and forget the arguments saved at entry. */
+static __always_inline bool take_args(struct inflight *out)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight *v = bpf_map_lookup_elem(&inflight, &id);
+
+	if (!v)
+		return false;
+	*out = *v;
+	bpf_map_delete_elem(&inflight, &id);
+	return true;
+}
+
+static __always_inline struct net_event *reserve_net(__u32 type, const struct watch *w,
+						       __u64 cgid)
+{
+	struct net_event *e = RESERVE(struct net_event, type, w, cgid);
+
+	if (e) {
+		e->result = 0;
+		e->fd = 0;
+		e->family = 0;
+		e->port = 0;
+		e->sock_type = 0;
+		e->protocol = 0;
+		__builtin_memset(e->addr, 0, sizeof(e->addr));
+		e->local_port = 0;
+		__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+		e->unix_path[0] = 0;
+	}
+	return e;
+}
+
+SEC("tp/syscalls/sys_enter_connect")
+int enter_connect(struct trace_event_raw_sys_enter *ctx)
+{
+	WATCHED_OR_RETURN(w, cgid);
+	return save_args(ctx->args[0], ctx->args[1], ctx->args[2]);
+}
+
+/* connect and bind: the address comes from the caller, the result from the exit */
+static __always_inline int exit_sockaddr_call(struct trace_event_raw_sys_exit *ctx, __u32 type)
+{
+	struct inflight args;
+	struct net_event *e;
+
+	WATCHED_OR_RETURN(w, cgid);
+	if (!take_args(&args))
+		return 0;
+	e = reserve_net(type, w, cgid);
+	if (!e)
+		return 0;
+	e->result = ctx->ret;
+	e->fd = args.args[0];
+	read_user_sockaddr(e, (const void *)args.args[1], args.args[2]);
+	read_socket(e, fd_socket(args.args[0]), false);
+	if (e->family != AF_INET && e->family != AF_INET6 && e->family != AF_UNIX) {
+		bpf_ringbuf_discard(e, 0); /* netlink, packet, ...: not network egress */
+		return 0;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_connect")
+int exit_connect(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_sockaddr_call(ctx, EV_CONNECT);
+}
+
+SEC("tp/syscalls/sys_enter_bind")
+int enter_bind(struct trace_event_raw_sys_enter *ctx)
+{
+	WATCHED_OR_RETURN(w, cgid);
+	return save_args(ctx->args[0], ctx->args[1], ctx->args[2]);
+}
+
+SEC("tp/syscalls/sys_exit_bind")
+int exit_bind(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_sockaddr_call(ctx, EV_BIND);
+}
+
+SEC("tp/syscalls/sys_enter_listen")
+int enter_listen(struct trace_event_raw_sys_enter *ctx)
+{
+	WATCHED_OR_RETURN(w, cgid);
+	return save_args(ctx->args[0], 0, 0);
+}
+
+SEC("tp/syscalls/sys_exit_listen")
+int exit_listen(struct trace_event_raw_sys_exit *ctx)
+{
+	struct inflight args;
+	struct net_event *e;
+	struct socket *sock;
+
+	WATCHED_OR_RETURN(w, cgid);
+	if (!take_args(&args))
+		return 0;
+	e = reserve_net(EV_LISTEN, w, cgid);
+	if (!e)
+		return 0;
+	e->result = ctx->ret;
+	e->fd = args.args[0];
+	sock = fd_socket(args.args[0]);
+	read_socket(e, sock, false);
+	read_socket_local(e, sock);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline int exit_accept_call(struct trace_event_raw_sys_exit *ctx)
+{
+	struct net_event *e;
+	struct socket *sock;
+
+	if (ctx->ret < 0)
+		return 0;
+	WATCHED_OR_RETURN(w, cgid);
+	sock = fd_socket(ctx->ret);
+	e = reserve_net(EV_ACCEPT, w, cgid);
+	if (!e)
+		return 0;
+	e->result = ctx->ret;
+	e->fd = ctx->ret;
+	read_socket(e, sock, true);
+	if (e->family != AF_INET && e->family != AF_INET6) {
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_accept")
+int exit_accept(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept_call(ctx);
+}
+
+SEC("tp/syscalls/sys_exit_accept4")
+int exit_accept4(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept_call(ctx);
+}
+
+/* A datagram with an explicit destination: where UDP (and DNS) goes. */
+static __always_inline int emit_send(const struct watch *w, __u64 cgid, long fd,
+				     const void *uaddr, long addrlen, long bytes)
+{
+	struct net_event *e;
+
+	if (!uaddr || addrlen <= 0)
+		return 0;
+	e = reserve_net(EV_SEND, w, cgid);
+	if (!e)
+		return 0;
+	e->result = bytes;
+	e->fd = fd;
+	read_user_sockaddr(e, uaddr, addrlen);
+	read_socket(e, fd_socket(fd), false);
+	if (e->family != AF_INET && e->family != AF_INET6) {
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_sendto")
+int enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	WATCHED_OR_RETURN(w, cgid);
+	return emit_send(w, cgid, ctx->args[0], (const void *)ctx->args[4], ctx->args[5],
+			 ctx->args[2]);
+}
+
+/* sendmsg and sendmmsg: the destination is msg_name of the (first) msghdr */
+static __always_inline int emit_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	struct {
+		void *name;
+		int namelen;
+	} hdr = {};
+
+	WATCHED_OR_RETURN(w, cgid);
+	if (bpf_probe_read_user(&hdr, sizeof(hdr), (const void *)ctx->args[1]) < 0)
+		return 0;
+	return emit_send(w, cgid, ctx->args[0], hdr.name, hdr.namelen, 0);
+}
+
+SEC("tp/syscalls/sys_enter_sendmsg")
+int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sendmsg(ctx);
+}
+
+SEC("tp/syscalls/sys_enter_sendmmsg")
+int enter_sendmmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sendmsg(ctx);
+}
+
+/* A socket made into stdin, stdout or stderr: the shape of a reverse shell. */
+static __always_inline int check_dup(long oldfd, long newfd)
+{
+	struct net_event *e;
+	struct socket *sock;
+
+	if (newfd < 0 || newfd > 2)
+		return 0;
+	WATCHED_OR_RETURN(w, cgid);
+	sock = fd_socket(oldfd);
+	if (!sock)
+		return 0;
+	e = reserve_net(EV_DUP_SOCKET, w, cgid);
+	if (!e)
+		return 0;
+	e->fd = newfd;
+	e->result = oldfd;
+	read_socket(e, sock, true);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_dup2")
+int enter_dup2(struct trace_event_raw_sys_enter *ctx)
+{
+	return check_dup(ctx->args[0], ctx->args[1]);
+}
+
+SEC("tp/syscalls/sys_enter_dup3")
+int enter_dup3(struct trace_event_raw_sys_enter *ctx)
+{
+	return check_dup(ctx->args[0], ctx->args[1]);
+}
+
+/* ---- files -------------------------------------------------------------- */
+
+/* open, openat, openat2, creat: args saved as (dfd, name, flags) */
+static __always_inline int save_open(long dfd, long name, long flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight v = { .args = { dfd, name, flags, 0 } };
+
+	WATCHED_OR_RETURN(w, cgid);
+	bpf_map_update_elem(&inflight, &id, &v, BPF_ANY);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_open")
+int enter_open(struct trace_event_raw_sys_enter *ctx)
+{
+	return save_open(AT_FDCWD, ctx->args[0], ctx->args[1]);
+}
+
+SEC("tp/syscalls/sys_enter_creat")
+int enter_creat(struct trace_event_raw_sys_enter *ctx)
+{
+	return save_open(AT_FDCWD, ctx->args[0], 0x241 /* O_CREAT|O_WRONLY|O_TRUNC */);
+}
+
+SEC("tp/syscalls/sys_enter_openat")
+int enter_openat(struct trace_event_raw_sys_enter *ctx)
+{
+	return save_open(ctx->args[0], ctx->args[1], ctx->args[2]);
+}
+
+SEC("tp/syscalls/sys_enter_openat2")
+int enter_openat2(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 flags = 0;
+
+	bpf_probe_read_user(&flags, sizeof(flags), (const void *)ctx->args[2]);
+	return save_open(ctx->args[0], ctx->args[1], flags);
+}
+
+static __always_inline int exit_open_call(struct trace_event_raw_sys_exit *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct inflight args;
+	struct scratch *s;
+	struct file_event *e;
+	struct file *f = NULL;
+	struct inode_key ik = {};
+	__u32 match = 0;
+	long len;
+
+	WATCHED_OR_RETURN(w, cgid);
+	if (!take_args(&args))
+		return 0;
+	s = get_scratch();
+	if (!s)
+		return 0;
+	if (ctx->ret >= 0) {
+		f = task_fd_file(task, ctx->ret);
+		if (!f)
+			return 0;
+		ik.ino = BPF_CORE_READ(f, f_inode, i_ino);
+		ik.dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+		if (bpf_map_lookup_elem(&watched_inodes, &ik))
+			match |= MATCH_INODE;
+		len = file_path(s, f);
+	} else {
+		len = resolve_user_path(s, args.args[0], (const char *)args.args[1]);
+	}
+	if (prefix_watched(s, len))
+		match |= MATCH_PREFIX;
+	if (!match && trace_all_opens)
+		match = MATCH_DEBUG;
+	if (!match)
+		return 0;
+
+	e = RESERVE(struct file_event, EV_OPEN, w, cgid);
+	if (!e)
+		return 0;
+	e->result = ctx->ret;
+	e->flags = args.args[2];
+	e->match = match;
+	e->dev = ik.dev;
+	e->ino = ik.ino;
+	bpf_probe_read_kernel_str(e->path, sizeof(e->path), s->key.path);
+	e->path2[0] = 0;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_open")
+int exit_open(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_open_call(ctx);
+}
+
+SEC("tp/syscalls/sys_exit_creat")
+int exit_creat(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_open_call(ctx);
+}
+
+SEC("tp/syscalls/sys_exit_openat")
+int exit_openat(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_open_call(ctx);
+}
+
+SEC("tp/syscalls/sys_exit_openat2")
+int exit_openat2(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_open_call(ctx);
+}
+
+/* unlink and rename are reported at entry, before the name is gone. */
+static __always_inline int emit_path_op(__u32 type, long dfd, const char *name,
+					long dfd2, const char *name2)
+{
+	struct scratch *s;
+	struct file_event *e;
+	long len;
+	bool hit;
+
+	WATCHED_OR_RETURN(w, cgid);
+	s = get_scratch();
+	if (!s)
+		return 0;
+	len = resolve_user_path(s, dfd, name);
+	hit = prefix_watched(s, len);
+	e = RESERVE(struct file_event, type, w, cgid);
+	if (!e)
+		return 0;
+	e->result = 0;
+	e->flags = 0;
+	e->dev = 0;
+	e->ino = 0;
+	e->match = hit ? MATCH_PREFIX : 0;
+	bpf_probe_read_kernel_str(e->path, sizeof(e->path), s->key.path);
+	e->path2[0] = 0;
+	if (name2) {
+		/* a rename into a watched place counts too (persistence) */
+		len = resolve_user_path(s, dfd2, name2);
+		if (prefix_watched(s, len))
+			e->match |= MATCH_PREFIX;
+		bpf_probe_read_kernel_str(e->path2, sizeof(e->path2), s->key.path);
+	}
+	if (!e->match && !trace_all_opens) {
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_unlink")
+int enter_unlink(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_path_op(EV_UNLINK, AT_FDCWD, (const char *)ctx->args[0], 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_unlinkat")
+int enter_unlinkat(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_path_op(EV_UNLINK, ctx->args[0], (const char *)ctx->args[1], 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_rename")
+int enter_rename(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_path_op(EV_RENAME, AT_FDCWD, (const char *)ctx->args[0], AT_FDCWD,
+			    (const char *)ctx->args[1]);
+}
+
+SEC("tp/syscalls/sys_enter_renameat")
+int enter_renameat(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_path_op(EV_RENAME, ctx->args[0], (const char *)ctx->args[1], ctx->args[2],
+			    (const char *)ctx->args[3]);
+}
+
+SEC("tp/syscalls/sys_enter_renameat2")
+int enter_renameat2(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_path_op(EV_RENAME, ctx->args[0], (const char *)ctx->args[1], ctx->args[2],
+			    (const char *)ctx->args[3]);
+}
+
+/* ---- privilege, namespaces, kernel -------------------------------------- */
+
+/* Emit a sys_event with up to four integer arguments and one user string. */
+static __always_inline int emit_sys(__u32 type, long a0, long a1, long a2, long a3,
+				    const char *ustr)
+{
+	struct sys_event *e;
+
+	WATCHED_OR_RETURN(w, cgid);
+	e = reserve_sys(type, w, cgid);
+	if (!e)
+		return 0;
+	e->arg[0] = a0;
+	e->arg[1] = a1;
+	e->arg[2] = a2;
+	e->arg[3] = a3;
+	if (ustr)
+		bpf_probe_read_user_str(e->str, sizeof(e->str), ustr);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_ptrace")
+int enter_ptrace(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_PTRACE, ctx->args[0], ctx->args[1], 0, 0, NULL);
+}
+
+/* mount ops: 0 mount, 1 umount, 2 move_mount, 3 fsopen, 4 pivot_root */
+SEC("tp/syscalls/sys_enter_mount")
+int enter_mount(struct trace_event_raw_sys_enter *ctx)
+{
+	struct sys_event *e;
+
+	WATCHED_OR_RETURN(w, cgid);
+	e = reserve_sys(EV_MOUNT, w, cgid);
+	if (!e)
+		return 0;
+	e->arg[0] = ctx->args[3];   /* flags */
+	e->arg[1] = 0;
+	bpf_probe_read_user_str(e->str, sizeof(e->str), (const char *)ctx->args[1]);   /* target */
+	bpf_probe_read_user_str(e->str2, sizeof(e->str2), (const char *)ctx->args[0]); /* source */
+	bpf_probe_read_user_str(e->str3, sizeof(e->str3), (const char *)ctx->args[2]); /* fstype */
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_umount")
+int enter_umount(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_MOUNT, ctx->args[1], 1, 0, 0, (const char *)ctx->args[0]);
+}
+
+SEC("tp/syscalls/sys_enter_move_mount")
+int enter_move_mount(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_MOUNT, ctx->args[4], 2, 0, 0, (const char *)ctx->args[3]);
+}
+
+SEC("tp/syscalls/sys_enter_fsopen")
+int enter_fsopen(struct trace_event_raw_sys_enter *ctx)
+{
+	struct sys_event *e;
+
+	WATCHED_OR_RETURN(w, cgid);
+	e = reserve_sys(EV_MOUNT, w, cgid);
+	if (!e)
+		return 0;
+	e->arg[0] = ctx->args[1];
+	e->arg[1] = 3;
+	bpf_probe_read_user_str(e->str3, sizeof(e->str3), (const char *)ctx->args[0]);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_enter_pivot_root")
+int enter_pivot_root(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_MOUNT, 0, 4, 0, 0, (const char *)ctx->args[0]);
+}
+
+/* ns ops: 0 unshare, 1 setns, 2 clone, 3 clone3 (arg0 = CLONE_NEW* flags) */
+SEC("tp/syscalls/sys_enter_unshare")
+int enter_unshare(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_NS, ctx->args[0], 0, 0, 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_setns")
+int enter_setns(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_NS, ctx->args[1], 1, ctx->args[0], 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_clone")
+int enter_clone(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!(ctx->args[0] & CLONE_NS_FLAGS))
+		return 0;
+	return emit_sys(EV_NS, ctx->args[0] & CLONE_NS_FLAGS, 2, 0, 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_clone3")
+int enter_clone3(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 flags = 0;
+
+	bpf_probe_read_user(&flags, sizeof(flags), (const void *)ctx->args[0]);
+	if (!(flags & CLONE_NS_FLAGS))
+		return 0;
+	return emit_sys(EV_NS, flags & CLONE_NS_FLAGS, 3, 0, 0, NULL);
+}
+
+/* module ops: 0 init_module (arg1 = image size), 1 finit_module (arg1 = fd) */
+SEC("tp/syscalls/sys_enter_init_module")
+int enter_init_module(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_MODULE_LOAD, 0, ctx->args[1], 0, 0, (const char *)ctx->args[2]);
+}
+
+SEC("tp/syscalls/sys_enter_finit_module")
+int enter_finit_module(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_MODULE_LOAD, 1, ctx->args[0], ctx->args[2], 0,
+			(const char *)ctx->args[1]);
+}
+
+SEC("tp/syscalls/sys_enter_bpf")
+int enter_bpf(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_sys(EV_BPF, ctx->args[0], 0, 0, 0, NULL);
+}
+
+/* setuid ops: 0 setuid, 1 setgid, 2 setreuid, 3 setregid, 4 setresuid,
+ * 5 setresgid, 6 setfsuid, 7 setfsgid; arg1..3 the ids asked for */
+#define SETID_PROG(sys, op, a1, a2)                                           \
+	SEC("tp/syscalls/sys_enter_" #sys)                                    \
+	int enter_##sys(struct trace_event_raw_sys_enter *ctx)                \
+	{                                                                     \
+		return emit_sys(EV_SETUID, op, ctx->args[0], a1, a2, NULL);   \
+	}
+SETID_PROG(setuid, 0, 0, 0)
+SETID_PROG(setgid, 1, 0, 0)
+SETID_PROG(setreuid, 2, ctx->args[1], 0)
+SETID_PROG(setregid, 3, ctx->args[1], 0)
+SETID_PROG(setresuid, 4, ctx->args[1], ctx->args[2])
+SETID_PROG(setresgid, 5, ctx->args[1], ctx->args[2])
+SETID_PROG(setfsuid, 6, 0, 0)
+SETID_PROG(setfsgid, 7, 0, 0)
+
+SEC("tp/syscalls/sys_enter_capset")
+int enter_capset(struct trace_event_raw_sys_enter *ctx)
+{
+	struct { __u32 effective, permitted, inheritable; } data = {};
+
+	bpf_probe_read_user(&data, sizeof(data), (const void *)ctx->args[1]);
+	return emit_sys(EV_CAPSET, data.effective, data.permitted, data.inheritable, 0, NULL);
+}
+
+/* signal ops: 0 kill, 1 tkill, 2 tgkill; arg0 = target, arg1 = signal.
+ * Signals a process sends itself are not reported; whether the target is
+ * outside the sender's sandbox is decided in user space. */
+static __always_inline int emit_signal(long target, long sig, long op)
+{
+	if (target == (long)(bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return emit_sys(EV_SIGNAL, target, sig, op, 0, NULL);
+}
+
+SEC("tp/syscalls/sys_enter_kill")
+int enter_kill(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_signal(ctx->args[0], ctx->args[1], 0);
+}
+
+SEC("tp/syscalls/sys_enter_tkill")
+int enter_tkill(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ctx->args[0] == (__u32)bpf_get_current_pid_tgid())
+		return 0;
+	return emit_signal(ctx->args[0], ctx->args[1], 1);
+}
+
+SEC("tp/syscalls/sys_enter_tgkill")
+int enter_tgkill(struct trace_event_raw_sys_enter *ctx)
+{
+	return emit_signal(ctx->args[0], ctx->args[2], 2);
+}

@@ -1,0 +1,216 @@
+"""The `corral` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from corral import events as ev
+from corral.errors import CorralError
+from corral.monitor import Monitor
+
+_ERRNO_NAMES = {-1: "EPERM", -2: "ENOENT", -13: "EACCES", -101: "ENETUNREACH", -110: "ETIMEDOUT",
+                -111: "ECONNREFUSED", -113: "EHOSTUNREACH", -115: "EINPROGRESS", -98: "EADDRINUSE"}
+
+
+def _result(code: int) -> str:
+    return "ok" if code >= 0 else _ERRNO_NAMES.get(code, f"errno {-code}")
+
+
+def _endpoint(e: ev.NetEvent) -> str:
+    if e.family == "unix":
+        return e.unix_path or "(unnamed unix socket)"
+    addr = f"[{e.addr}]" if e.family == "inet6" else e.addr
+    return f"{addr}:{e.port}"
+
+
+def describe(e: ev.Event) -> str:
+    """The part of a trace line after who and when: what happened."""
+    if isinstance(e, ev.ExecEvent):
+        extra = " (argv truncated)" if e.args_truncated else ""
+        if e.stdio_sockets:
+            extra += f" (fds {','.join(map(str, e.stdio_sockets))} are sockets)"
+        return f"{e.filename} {json.dumps(e.argv)} cwd={e.cwd}{extra}"
+    if isinstance(e, ev.ForkEvent):
+        return f"child {e.child_pid}"
+    if isinstance(e, ev.ExitEvent):
+        if e.signal:
+            return f"killed by {signal.Signals(e.signal).name if e.signal < 65 else e.signal}"
+        return f"exit {e.exit_code}"
+    if isinstance(e, ev.DupSocketEvent):
+        return f"socket fd {e.source_fd} -> fd {e.target_fd} (peer {_endpoint(e)})"
+    if isinstance(e, ev.NetEvent):
+        proto = {"stream": "tcp", "dgram": "udp"}.get(e.sock_type, e.sock_type)
+        if e.family == "unix":
+            proto = "unix"
+        return f"{proto} {_endpoint(e)} {_result(e.result)}"
+    if isinstance(e, ev.FileEvent):
+        target = f"{e.path} -> {e.path2}" if e.kind == "rename" else e.path
+        mode = " write" if e.kind == "open" and e.writable else ""
+        return f"{target}{mode} {_result(e.result)} [{','.join(e.match)}]"
+    if isinstance(e, ev.DropEvent):
+        return f"{e.count} events lost: the ring buffer was full ({e.total} in all)"
+    return " ".join(f"{name}={getattr(e, name)}" for name in e.FIELDS)
+
+
+def format_line(e: ev.Event) -> str:
+    clock = ev.rfc3339(e.time_ns)[11:26]
+    who = e.proc.name if e.proc else e.comm
+    return f"{clock} {e.kind:<11} {e.pid:>7} {who[:16]:<16} {describe(e)}"
+
+
+class _Printer:
+    def __init__(self, out: TextIO, as_json: bool, monitor: Monitor) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.monitor = monitor
+
+    def __call__(self, batch: Sequence[ev.Event]) -> None:
+        for e in batch:
+            if self.as_json:
+                record = e.to_dict()
+                record["ancestors"] = [p.name for p in self.monitor.ancestors(e.pid)] if e.pid else []
+                self.out.write(json.dumps(record) + "\n")
+            else:
+                self.out.write(format_line(e) + "\n")
+        if batch:
+            self.out.flush()
+
+
+def _trace_command(mon: Monitor, argv: list[str], emit: Callable[[Sequence[ev.Event]], None]) -> int:
+    from corral.sensor.cgroups import ScratchCgroup
+
+    cg = ScratchCgroup(f"trace-{os.getpid()}")
+    try:
+        mon.watch_cgroup(cg.id)
+        try:
+            child = subprocess.Popen(argv, preexec_fn=lambda: cg.add(os.getpid()))
+        except FileNotFoundError:
+            raise CorralError(f"command not found: {argv[0]}") from None
+        code: int | None = None
+        told = False
+        try:
+            while True:
+                emit(mon.read(timeout=0.1))
+                if code is None and child.poll() is not None:
+                    code = child.returncode
+                if code is not None:
+                    left = cg.pids()
+                    if not left:
+                        break
+                    if not told:
+                        print(f"corral: {argv[0]} exited; still tracing the {len(left)} process(es) it "
+                              "left running (Ctrl-C to stop)", file=sys.stderr)
+                        told = True
+        except KeyboardInterrupt:
+            code = child.wait() if code is None else code
+        time.sleep(0.05)  # the last exit records may still be on their way
+        emit(mon.read())
+        return code if code >= 0 else 128 - code
+    finally:
+        mon.unwatch_cgroup(cg.id)
+        cg.remove()
+
+
+def _trace_existing(mon: Monitor, cgroup: str | None, pid: int | None,
+                    emit: Callable[[Sequence[ev.Event]], None]) -> int:
+    from corral.sensor.cgroups import cgroup_of_pid, resolve_cgroup
+
+    path = resolve_cgroup(cgroup) if cgroup else cgroup_of_pid(pid or 0)
+    cid = mon.watch_cgroup(path)
+    print(f"corral: tracing cgroup {path} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while pid is None or os.path.exists(f"/proc/{pid}"):
+            emit(mon.read(timeout=0.2))
+        emit(mon.read())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mon.unwatch_cgroup(cid)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    chosen = sum(bool(x) for x in (argv, args.cgroup, args.pid))
+    if chosen != 1:
+        raise CorralError("trace needs exactly one of: -- COMMAND..., --cgroup PATH, --pid PID "
+                          "(see `corral trace --help`)")
+    with Monitor(trace_all_opens=args.all_opens) as mon:
+        emit = _Printer(sys.stdout, args.json, mon)
+        if argv:
+            return _trace_command(mon, argv, emit)
+        return _trace_existing(mon, args.cgroup, args.pid, emit)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check that this host can run the sensor, and say what it has."""
+    from corral.sensor import host
+    from corral.sensor.sensor import Sensor
+
+    host.preflight()
+    print(f"ok  privileges, BTF, tracefs, bpffs; cgroup v2 at {host.cgroup2_root()}")
+    started = time.monotonic()
+    with Sensor() as sensor:
+        took = (time.monotonic() - started) * 1000
+        print(f"ok  sensor loaded and attached in {took:.0f} ms")
+        for section in sensor.unavailable:
+            print(f"--  {section}: this kernel has no such hook; those events are not seen")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Contain autonomous AI agents and watch what they really do, at the kernel.",
+    )
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    trace = sub.add_parser(
+        "trace", help="print what a process tree does, like strace -f for a whole cgroup",
+        description="Run COMMAND in a fresh watched cgroup and print every event of it and of "
+                    "everything it starts, live, until all of them have exited. Or attach to a "
+                    "cgroup or process that is already running.",
+        epilog="examples:\n  corral trace -- curl -s http://127.0.0.1:8000/\n"
+               "  corral trace --json -- make -j2 > events.jsonl\n"
+               "  corral trace --pid 4242\n"
+               "  corral trace --cgroup system.slice/ssh.service",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    trace.add_argument("--json", action="store_true", help="one JSON object per event")
+    trace.add_argument("--cgroup", metavar="PATH", help="watch this cgroup v2 directory instead")
+    trace.add_argument("--pid", type=int, metavar="PID", help="watch the cgroup this process is in, "
+                       "until the process exits")
+    trace.add_argument("--all-opens", action="store_true",
+                       help="report every file open, not only watched credential/system paths")
+    trace.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    trace.set_defaults(func=cmd_trace)
+
+    doctor = sub.add_parser("doctor", help="check that this host can run the sensor",
+                            description="Run every host check and load the sensor once.")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except CorralError as exc:
+        print(f"corral: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

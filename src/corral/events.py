@@ -1,0 +1,491 @@
+"""The event model shared by every stage of the pipeline.
+
+An event is a thin, read-only view over one record from the kernel
+(bpf/corral.h): the record is unpacked once into a flat tuple and the typed
+properties below index into it.  Strings are decoded only when asked for, so
+decoding a batch costs one ``struct.unpack_from`` and one small object per
+record.  ``records.py`` in the sensor owns the binary layouts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from corral.enrich.proctable import Process
+
+# Event type ids: enum event_type in bpf/corral.h.
+EXEC, FORK, EXIT, CONNECT, SEND, BIND, LISTEN, ACCEPT, OPEN, UNLINK, RENAME = range(1, 12)
+DUP_SOCKET, PTRACE, MOUNT, NS, MODULE_LOAD, BPF, MEMFD_EXEC, SETUID, CAPSET, SIGNAL = range(12, 22)
+DROP = 100  # made in user space from the kernel's per-CPU drop counter
+
+KIND_NAMES: dict[int, str] = {
+    EXEC: "exec", FORK: "fork", EXIT: "exit", CONNECT: "connect", SEND: "send", BIND: "bind",
+    LISTEN: "listen", ACCEPT: "accept", OPEN: "open", UNLINK: "unlink", RENAME: "rename",
+    DUP_SOCKET: "dup_socket", PTRACE: "ptrace", MOUNT: "mount", NS: "ns",
+    MODULE_LOAD: "module_load", BPF: "bpf", MEMFD_EXEC: "memfd_exec", SETUID: "setuid",
+    CAPSET: "capset", SIGNAL: "signal", DROP: "drop",
+}
+KINDS: frozenset[str] = frozenset(KIND_NAMES.values())
+
+_CLOCK_OFFSET_NS = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def wall_time_ns(boot_ns: int) -> int:
+    """A kernel CLOCK_BOOTTIME timestamp as nanoseconds since the epoch."""
+    return boot_ns + _CLOCK_OFFSET_NS
+
+
+def rfc3339(wall_ns: int) -> str:
+    """RFC 3339 in UTC with microseconds."""
+    secs, ns = divmod(wall_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1000:06d}Z"
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class Event:
+    """Fields every event has: when, who, and in which watched cgroup."""
+
+    __slots__ = ("_t", "proc")
+    _t: tuple[Any, ...]
+    #: the process that did it, as the process table knew it then (set by the Monitor)
+    proc: Process | None
+    #: names shown by to_dict() beyond the common ones
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Any, ...]) -> Event:
+        ev = object.__new__(cls)
+        ev._t = values
+        ev.proc = None
+        return ev
+
+    @property
+    def kind(self) -> str:
+        return KIND_NAMES.get(self._t[2], "unknown")
+
+    @property
+    def ts_ns(self) -> int:
+        """Kernel timestamp (CLOCK_BOOTTIME, ns)."""
+        return int(self._t[0])
+
+    @property
+    def cgroup_id(self) -> int:
+        return int(self._t[1])
+
+    @property
+    def type(self) -> int:
+        return int(self._t[2])
+
+    @property
+    def pid(self) -> int:
+        """Process id (the kernel's tgid)."""
+        return int(self._t[3])
+
+    @property
+    def tid(self) -> int:
+        return int(self._t[4])
+
+    @property
+    def ppid(self) -> int:
+        return int(self._t[5])
+
+    @property
+    def uid(self) -> int:
+        return int(self._t[6])
+
+    @property
+    def sandbox_id(self) -> int:
+        return int(self._t[7])
+
+    @property
+    def step_id(self) -> int:
+        return int(self._t[8])
+
+    @property
+    def comm(self) -> str:
+        return _cstr(self._t[9])
+
+    @property
+    def time_ns(self) -> int:
+        """Wall-clock time of the event, ns since the epoch."""
+        return wall_time_ns(self.ts_ns)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind, "time": rfc3339(self.time_ns), "ts_ns": self.ts_ns,
+            "pid": self.pid, "tid": self.tid, "ppid": self.ppid, "uid": self.uid,
+            "comm": self.comm, "cgroup_id": self.cgroup_id,
+            "sandbox_id": self.sandbox_id, "step_id": self.step_id,
+        }
+        for name in self.FIELDS:
+            out[name] = getattr(self, name)
+        if self.proc is not None:
+            out["proc"] = {"exe": self.proc.exe, "name": self.proc.name, "cmdline": self.proc.cmdline,
+                           "cwd": self.proc.cwd}
+        return out
+
+    def __repr__(self) -> str:
+        body = " ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS)
+        return f"<{self.kind} pid={self.pid} comm={self.comm!r} {body}>"
+
+
+class ExecEvent(Event):
+    __slots__ = ()
+    FIELDS = ("filename", "argv", "cwd", "args_truncated", "stdio_sockets")
+
+    @property
+    def flags(self) -> int:
+        return int(self._t[10])
+
+    @property
+    def filename(self) -> str:
+        return _cstr(self._t[12])
+
+    @property
+    def cwd(self) -> str:
+        return _cstr(self._t[13])
+
+    @property
+    def argv(self) -> list[str]:
+        raw: bytes = self._t[14]
+        return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+
+    @property
+    def args_truncated(self) -> bool:
+        return bool(self.flags & 1)
+
+    @property
+    def stdio_sockets(self) -> list[int]:
+        """Which of fds 0, 1, 2 were sockets when the new image started."""
+        return [fd for fd in (0, 1, 2) if self.flags & (2 << fd)]
+
+
+class NetEvent(Event):
+    """connect, send, bind, listen, accept (and dup_socket, below)."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[tuple[str, ...]] = ("family", "addr", "port", "sock_type", "protocol", "result",
+                                         "fd", "local_port", "unix_path")
+
+    @property
+    def result(self) -> int:
+        return int(self._t[10])
+
+    @property
+    def fd(self) -> int:
+        return int(self._t[11])
+
+    @property
+    def family(self) -> str:
+        return {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}.get(
+            self._t[12], str(self._t[12]))
+
+    @property
+    def port(self) -> int:
+        return int(self._t[13])
+
+    @property
+    def sock_type(self) -> str:
+        return {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}.get(self._t[14], str(self._t[14]))
+
+    @property
+    def protocol(self) -> int:
+        return int(self._t[15])
+
+    @property
+    def addr(self) -> str:
+        fam = self._t[12]
+        if fam == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, self._t[16][:4])
+        if fam == socket.AF_INET6:
+            return str(ipaddress.IPv6Address(self._t[16]))
+        return ""
+
+    @property
+    def local_port(self) -> int:
+        return int(self._t[17])
+
+    @property
+    def unix_path(self) -> str:
+        return _cstr(self._t[18])
+
+
+class DupSocketEvent(NetEvent):
+    """A socket duplicated onto fd 0, 1 or 2; addr/port are its peer."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[tuple[str, ...]] = ("target_fd", "source_fd", "family", "addr", "port", "sock_type",
+                                         "protocol")
+
+    @property
+    def target_fd(self) -> int:
+        return self.fd
+
+    @property
+    def source_fd(self) -> int:
+        return self.result
+
+
+class FileEvent(Event):
+    """open, unlink, rename of a watched path or inode."""
+
+    __slots__ = ()
+    FIELDS = ("path", "path2", "flags", "result", "match", "dev", "ino")
+
+    @property
+    def result(self) -> int:
+        return int(self._t[10])
+
+    @property
+    def flags(self) -> int:
+        return int(self._t[11])
+
+    @property
+    def match(self) -> list[str]:
+        bits = self._t[12]
+        return [name for bit, name in ((1, "prefix"), (2, "inode"), (4, "debug")) if bits & bit]
+
+    @property
+    def dev(self) -> int:
+        return int(self._t[13])
+
+    @property
+    def ino(self) -> int:
+        return int(self._t[14])
+
+    @property
+    def path(self) -> str:
+        return _cstr(self._t[15])
+
+    @property
+    def path2(self) -> str:
+        return _cstr(self._t[16])
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & 0o3) or bool(self.flags & 0o100)  # O_WRONLY|O_RDWR, O_CREAT
+
+
+class SysEvent(Event):
+    """The generic record: four integers and up to three strings."""
+
+    __slots__ = ()
+
+    def _arg(self, i: int) -> int:
+        return int(self._t[10 + i])
+
+    def _str(self, i: int) -> str:
+        return _cstr(self._t[14 + i])
+
+
+class ForkEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("child_pid",)
+
+    @property
+    def child_pid(self) -> int:
+        return self._arg(0)
+
+
+class ExitEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("exit_code", "signal")
+
+    @property
+    def exit_code(self) -> int:
+        return self._arg(0)
+
+    @property
+    def signal(self) -> int:
+        """The signal that killed the process, or 0."""
+        return self._arg(1)
+
+
+class PtraceEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("request", "target_pid")
+
+    @property
+    def request(self) -> int:
+        return self._arg(0)
+
+    @property
+    def target_pid(self) -> int:
+        return self._arg(1)
+
+
+_MOUNT_OPS = ("mount", "umount", "move_mount", "fsopen", "pivot_root")
+
+
+class MountEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("op", "target", "source", "fstype", "flags")
+
+    @property
+    def flags(self) -> int:
+        return self._arg(0)
+
+    @property
+    def op(self) -> str:
+        return _MOUNT_OPS[self._arg(1)] if self._arg(1) < len(_MOUNT_OPS) else str(self._arg(1))
+
+    @property
+    def target(self) -> str:
+        return self._str(0)
+
+    @property
+    def source(self) -> str:
+        return self._str(1)
+
+    @property
+    def fstype(self) -> str:
+        return self._str(2)
+
+
+_NS_FLAGS = ((0x00020000, "mnt"), (0x02000000, "cgroup"), (0x04000000, "uts"), (0x08000000, "ipc"),
+             (0x10000000, "user"), (0x20000000, "pid"), (0x40000000, "net"), (0x00000080, "time"))
+_NS_OPS = ("unshare", "setns", "clone", "clone3")
+
+
+class NsEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("op", "namespaces", "fd")
+
+    @property
+    def op(self) -> str:
+        return _NS_OPS[self._arg(1)] if self._arg(1) < len(_NS_OPS) else str(self._arg(1))
+
+    @property
+    def namespaces(self) -> list[str]:
+        """The namespace types asked for (setns with nstype 0 means 'any': [])."""
+        return [name for bit, name in _NS_FLAGS if self._arg(0) & bit]
+
+    @property
+    def fd(self) -> int:
+        return self._arg(2)
+
+
+class ModuleLoadEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("op", "params")
+
+    @property
+    def op(self) -> str:
+        return "finit_module" if self._arg(0) else "init_module"
+
+    @property
+    def params(self) -> str:
+        return self._str(0)
+
+
+_BPF_CMDS = ("map_create", "map_lookup_elem", "map_update_elem", "map_delete_elem",
+             "map_get_next_key", "prog_load")
+
+
+class BpfEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("cmd",)
+
+    @property
+    def cmd(self) -> str:
+        c = self._arg(0)
+        return _BPF_CMDS[c] if 0 <= c < len(_BPF_CMDS) else str(c)
+
+
+class MemfdExecEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("memfd_name", "filename")
+
+    @property
+    def memfd_name(self) -> str:
+        return self._str(0)
+
+    @property
+    def filename(self) -> str:
+        return self._str(1)
+
+
+_SETID_OPS = ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+              "setfsuid", "setfsgid")
+
+
+class SetuidEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("op", "ids")
+
+    @property
+    def op(self) -> str:
+        return _SETID_OPS[self._arg(0)] if self._arg(0) < len(_SETID_OPS) else str(self._arg(0))
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids asked for, in the syscall's order (-1: unchanged)."""
+        n = {"setreuid": 2, "setregid": 2, "setresuid": 3, "setresgid": 3}.get(self.op, 1)
+        return [(self._arg(i) + 2**31) % 2**32 - 2**31 for i in range(1, 1 + n)]
+
+
+class CapsetEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("effective", "permitted", "inheritable")
+
+    @property
+    def effective(self) -> int:
+        return self._arg(0)
+
+    @property
+    def permitted(self) -> int:
+        return self._arg(1)
+
+    @property
+    def inheritable(self) -> int:
+        return self._arg(2)
+
+
+_SIGNAL_OPS = ("kill", "tkill", "tgkill")
+
+
+class SignalEvent(SysEvent):
+    __slots__ = ()
+    FIELDS = ("op", "target_pid", "signal")
+
+    @property
+    def target_pid(self) -> int:
+        return self._arg(0)
+
+    @property
+    def signal(self) -> int:
+        return self._arg(1)
+
+    @property
+    def op(self) -> str:
+        return _SIGNAL_OPS[self._arg(2)] if self._arg(2) < len(_SIGNAL_OPS) else str(self._arg(2))
+
+
+class DropEvent(Event):
+    """Records the kernel could not hand over because the ring buffer was full."""
+
+    __slots__ = ()
+    FIELDS = ("count", "total")
+
+    @classmethod
+    def make(cls, count: int, total: int) -> DropEvent:
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        ev = cls.from_tuple((now, 0, DROP, 0, 0, 0, 0, 0, 0, b"", count, total))
+        assert isinstance(ev, DropEvent)
+        return ev
+
+    @property
+    def count(self) -> int:
+        """Records lost since the previous drop event."""
+        return int(self._t[10])
+
+    @property
+    def total(self) -> int:
+        return int(self._t[11])

@@ -1,0 +1,197 @@
+"""Load the kernel programs, scope them, and turn the ring buffer into events."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+from corral import events as ev
+from corral.errors import CorralError, HostError
+from corral.sensor import host, records
+from corral.sensor.cgroups import cgroup_id, cgroup_of_pid
+from corral.sensor.libbpf import BpfObject, LibbpfError, Link, possible_cpus
+from corral.sensor.ringbuf import RingBuffer
+
+DEFAULT_OBJECT = Path(__file__).parent / "bpf" / "sensor.bpf.o"
+_DROP_CHECK_INTERVAL_S = 0.1
+
+
+def object_path() -> Path:
+    return Path(os.environ.get("CORRAL_BPF_OBJECT", DEFAULT_OBJECT))
+
+
+def layout_mismatches(obj: BpfObject) -> list[str]:
+    """Differences between records.py and the struct layouts in the object's BTF."""
+    problems = []
+    expected = {"event_header": (records.HEADER.size, records.header_offsets())}
+    for name in records.LAYOUTS:
+        expected[name] = (records.record_size(name), records.record_offsets(name))
+    for name, (py_size, py) in expected.items():
+        size, btf = obj.struct_layout(name)
+        if size != py_size:
+            problems.append(f"{name}: size {size} in BTF, {py_size} in Python")
+        for member in btf.keys() | py.keys():
+            if btf.get(member) != py.get(member):
+                problems.append(f"{name}.{member}: offset {btf.get(member)} in BTF, "
+                                f"{py.get(member)} in Python")
+    return problems
+
+
+def _kernel_dev(st_dev: int) -> int:
+    """User space's dev_t encoding to the kernel's internal one (sb->s_dev)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+class Sensor:
+    """The loaded kernel programs and the stream of events they produce.
+
+    Nothing is reported until a cgroup is watched (or ``host_wide`` is set).
+    """
+
+    def __init__(self, *, host_wide: bool = False, trace_all_opens: bool = False,
+                 ring_size: int = 16 << 20, path: Path | None = None) -> None:
+        host.preflight()
+        path = path or object_path()
+        if not path.exists():
+            raise HostError(f"the sensor's BPF object {path} is not built: run `make setup`")
+        if ring_size & (ring_size - 1) or ring_size < 4096:
+            raise ValueError("ring_size must be a power of two of at least 4096")
+        self.unavailable: list[str] = []  # programs whose hook this kernel lacks
+        self._links: list[Link] = []
+        self._obj = BpfObject(str(path))
+        try:
+            self._load(host_wide, trace_all_opens, ring_size)
+        except LibbpfError as exc:
+            self._obj.close()
+            tail = "\n".join(exc.log[-25:])
+            raise HostError(f"the kernel refused the sensor ({exc}); run `make setup` to rebuild "
+                            f"it for this kernel. libbpf said:\n{tail}") from exc
+        maps = self._obj.maps()
+        self._watched = maps["watched"]
+        self._prefixes = maps["watched_prefixes"]
+        self._inodes = maps["watched_inodes"]
+        self._dropped = maps["dropped"]
+        self._ncpus = possible_cpus()
+        self.ring = RingBuffer(maps["events"].fd, ring_size)
+        self.drops_total = 0
+        self.bad_records = 0
+        self._last_drop_check = 0.0
+
+    def _load(self, host_wide: bool, trace_all_opens: bool, ring_size: int) -> None:
+        mismatches = layout_mismatches(self._obj)
+        if mismatches:
+            raise HostError("the sensor object does not match this corral's decoder "
+                            f"({mismatches[0]}): run `make setup` to rebuild it")
+        maps = self._obj.maps()
+        rodata = next(m for name, m in maps.items() if name.endswith(".rodata"))
+        data = rodata.initial_value()
+        config = {"host_wide": int(host_wide), "trace_all_opens": int(trace_all_opens),
+                  "monitor_pid": os.getpid()}
+        for name, (off, size) in self._obj.datasec_vars(".rodata").items():
+            if name in config:
+                ctypes.memmove(ctypes.addressof(data) + off, config[name].to_bytes(size, "little"), size)
+        maps["events"].set_max_entries(ring_size)
+        for prog in self._obj.programs():
+            kind, _, rest = prog.section.partition("/")
+            if kind == "tp":
+                category, _, name = rest.partition("/")
+                if not host.tracepoint_exists(category, name):
+                    prog.set_autoload(False)
+                    self.unavailable.append(prog.section)
+        self._obj.load()
+        for prog in self._obj.programs():
+            if prog.section not in self.unavailable:
+                self._links.append(prog.attach())
+
+    # -- scope -------------------------------------------------------------
+
+    def watch_cgroup(self, cgroup: int | str | Path, sandbox_id: int = 0, step_id: int = 0) -> int:
+        """Report what processes in this cgroup (by v2 id or path) do; returns the id."""
+        cid = cgroup if isinstance(cgroup, int) else cgroup_id(cgroup)
+        self._watched.update(records.CGROUP_KEY.pack(cid), records.WATCH.pack(sandbox_id, step_id))
+        return cid
+
+    def unwatch_cgroup(self, cgroup: int | str | Path) -> None:
+        cid = cgroup if isinstance(cgroup, int) else cgroup_id(cgroup)
+        self._watched.delete(records.CGROUP_KEY.pack(cid))
+
+    def watched_cgroups(self) -> list[int]:
+        return [records.CGROUP_KEY.unpack(k)[0] for k in self._watched.keys(records.CGROUP_KEY.size)]
+
+    def watch_prefix(self, prefix: str) -> None:
+        """Report open/unlink/rename of paths starting with ``prefix``."""
+        raw = prefix.encode()
+        if not raw.startswith(b"/") or len(raw) >= records.PATH_LEN:
+            raise ValueError(f"watched prefix must be an absolute path shorter than "
+                             f"{records.PATH_LEN} bytes: {prefix!r}")
+        self._prefixes.update(records.PATH_KEY.pack(len(raw) * 8, raw), b"\1\0\0\0")
+
+    def watch_file(self, path: str | Path) -> None:
+        """Report every open of this file, under any name (canaries)."""
+        st = os.stat(path)
+        self._inodes.update(records.INODE_KEY.pack(st.st_ino, _kernel_dev(st.st_dev)), b"\1\0\0\0")
+
+    def unwatch_file(self, path: str | Path) -> None:
+        st = os.stat(path)
+        self._inodes.delete(records.INODE_KEY.pack(st.st_ino, _kernel_dev(st.st_dev)))
+
+    # -- events ------------------------------------------------------------
+
+    def _decode(self, view: memoryview, off: int, size: int) -> ev.Event | None:
+        entry = records.DECODERS.get(int.from_bytes(view[off + 16:off + 20], "little"))
+        if entry is None or size < entry[1]:
+            self.bad_records += 1
+            return None
+        event = entry[0](view, off, size)
+        if event.type == ev.SIGNAL and _same_cgroup(event):
+            return None
+        return event
+
+    def read(self, timeout: float = 0.0) -> list[ev.Event]:
+        """Events ready now, waiting up to ``timeout`` seconds for the first."""
+        if timeout > 0 and not self.ring.pending():
+            self.ring.wait(timeout)
+        batch = self.ring.read(self._decode)
+        now = time.monotonic()
+        if now - self._last_drop_check >= _DROP_CHECK_INTERVAL_S:
+            self._last_drop_check = now
+            drop = self.check_drops()
+            if drop is not None:
+                batch.append(drop)
+        return batch
+
+    def check_drops(self) -> ev.DropEvent | None:
+        """A drop event if the kernel lost records since the last check."""
+        raw = self._dropped.lookup(b"\0\0\0\0", 8 * self._ncpus)
+        total = sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)) if raw else 0
+        if total <= self.drops_total:
+            return None
+        event = ev.DropEvent.make(total - self.drops_total, total)
+        self.drops_total = total
+        return event
+
+    def close(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+        self.ring.close()
+        self._obj.close()
+
+    def __enter__(self) -> Sensor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _same_cgroup(event: ev.Event) -> bool:
+    """A signal to a process in the sender's own cgroup is not reported."""
+    target = event.target_pid if isinstance(event, ev.SignalEvent) else 0
+    if target <= 0:
+        return False
+    try:
+        return cgroup_id(cgroup_of_pid(target)) == event.cgroup_id
+    except (OSError, CorralError):  # target gone or unreadable: report the signal
+        return False
