@@ -9,13 +9,14 @@ KERNEL := $(shell uname -r)
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BUILD := build
 VMLINUX := $(BUILD)/$(KERNEL)/vmlinux.h
-BPF_OBJ := src/corral/sensor/bpf/sensor.bpf.o
+BPF_OUT := src/corral/_bpf
+BPF_OBJS := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(wildcard bpf/*.bpf.c))
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool bubblewrap iproute2 nftables procps \
 	socat nmap ncat openssh-server openssh-client curl python3-venv python3-dev
 
 .PHONY: setup deps mounts demo test lint bench clean
 
-setup: deps $(VENV)/.installed $(BPF_OBJ) mounts
+setup: deps $(VENV)/.installed $(BPF_OBJS) mounts
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -38,7 +39,8 @@ $(VMLINUX):
 	@echo "setup: generating $@ from /sys/kernel/btf/vmlinux"
 	@bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
-$(BPF_OBJ): bpf/sensor.bpf.c bpf/corral.h $(VMLINUX)
+# Every bpf/NAME.bpf.c becomes src/corral/_bpf/NAME.bpf.o (package data).
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(wildcard bpf/*.h) $(VMLINUX)
 	@mkdir -p $(dir $@)
 	@echo "setup: compiling $<"
 	@clang -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
@@ -63,4 +65,4 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(BUILD) $(VENV) src/corral/sensor/bpf
+	rm -rf $(BUILD) $(VENV) $(BPF_OUT)

@@ -14,7 +14,7 @@ from corral.sensor.cgroups import cgroup_id, cgroup_of_pid
 from corral.sensor.libbpf import BpfObject, LibbpfError, Link, possible_cpus
 from corral.sensor.ringbuf import RingBuffer
 
-DEFAULT_OBJECT = Path(__file__).parent / "bpf" / "sensor.bpf.o"
+DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "sensor.bpf.o"
 _DROP_CHECK_INTERVAL_S = 0.1
 
 
