@@ -398,12 +398,13 @@ static __always_inline long resolve_user_path(struct scratch *s, long dfd, const
 		if (bpf_probe_read_user(head, 2, uname) < 0)
 			return 0;
 	}
-	if (dfd == AT_FDCWD) {
+	/* dfd is an int in a 64-bit register: compare its low 32 bits */
+	if ((int)dfd == AT_FDCWD) {
 		struct path pwd = BPF_CORE_READ(task, fs, pwd);
 
 		off = walk_path(s, &pwd);
 	} else {
-		struct file *f = task_fd_file(task, dfd);
+		struct file *f = task_fd_file(task, (int)dfd);
 		struct path fpath;
 
 		if (!f)

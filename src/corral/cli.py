@@ -119,6 +119,15 @@ def _trace_command(mon: Monitor, argv: list[str], emit: Callable[[Sequence[ev.Ev
         cg.remove()
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie's parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _trace_existing(mon: Monitor, cgroup: str | None, pid: int | None,
                     emit: Callable[[Sequence[ev.Event]], None]) -> int:
     from corral.sensor.cgroups import cgroup_of_pid, resolve_cgroup
@@ -127,7 +136,7 @@ def _trace_existing(mon: Monitor, cgroup: str | None, pid: int | None,
     cid = mon.watch_cgroup(path)
     print(f"corral: tracing cgroup {path} (Ctrl-C to stop)", file=sys.stderr)
     try:
-        while pid is None or os.path.exists(f"/proc/{pid}"):
+        while pid is None or _running(pid):
             emit(mon.read(timeout=0.2))
         emit(mon.read())
     except KeyboardInterrupt:

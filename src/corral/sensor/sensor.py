@@ -77,6 +77,7 @@ class Sensor:
         self.ring = RingBuffer(maps["events"].fd, ring_size)
         self.drops_total = 0
         self.bad_records = 0
+        self._cgroup_of_pid: dict[int, int] = {}
         self._last_drop_check = 0.0
 
     def _load(self, host_wide: bool, trace_all_opens: bool, ring_size: int) -> None:
@@ -145,8 +146,28 @@ class Sensor:
             self.bad_records += 1
             return None
         event = entry[0](view, off, size)
-        if event.type == ev.SIGNAL and _same_cgroup(event):
-            return None
+        kind = event.type
+        if kind == ev.FORK or kind == ev.EXEC or kind == ev.EXIT or kind == ev.SIGNAL:
+            return self._track_cgroups(event)
+        return event
+
+    def _track_cgroups(self, event: ev.Event) -> ev.Event | None:
+        """Know each watched process's cgroup from the stream itself, so a
+        signal to a process in the sender's own cgroup can be left out even
+        when the target is already gone by the time we read the record."""
+        cgroups = self._cgroup_of_pid
+        if isinstance(event, ev.ForkEvent):
+            cgroups[event.child_pid] = event.cgroup_id
+        elif isinstance(event, ev.ExecEvent):
+            cgroups[event.pid] = event.cgroup_id
+        elif isinstance(event, ev.ExitEvent):
+            cgroups.pop(event.pid, None)
+        elif isinstance(event, ev.SignalEvent) and event.target_pid > 0:
+            target = cgroups.get(event.target_pid)
+            if target is None:
+                target = _cgroup_id_of_pid(event.target_pid)
+            if target == event.cgroup_id:
+                return None
         return event
 
     def read(self, timeout: float = 0.0) -> list[ev.Event]:
@@ -186,12 +207,8 @@ class Sensor:
         self.close()
 
 
-def _same_cgroup(event: ev.Event) -> bool:
-    """A signal to a process in the sender's own cgroup is not reported."""
-    target = event.target_pid if isinstance(event, ev.SignalEvent) else 0
-    if target <= 0:
-        return False
+def _cgroup_id_of_pid(pid: int) -> int | None:
     try:
-        return cgroup_id(cgroup_of_pid(target)) == event.cgroup_id
-    except (OSError, CorralError):  # target gone or unreadable: report the signal
-        return False
+        return cgroup_id(cgroup_of_pid(pid))
+    except (OSError, CorralError):  # gone or unreadable: the signal is reported
+        return None
