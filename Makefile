@@ -55,7 +55,7 @@ demo: setup
 	$(BIN)/corral trace -- bash examples/trace-demo.sh
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
 test: lint
