@@ -1,0 +1,1 @@
+"""Containment: cgroups, network namespace, egress policy, DNS, canaries, runner."""
