@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from corral import events as ev
@@ -161,6 +162,35 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return _trace_existing(mon, args.cgroup, args.pid, emit)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run COMMAND as one step of a fresh sandbox; exit with its status."""
+    from corral.sandbox.runner import Sandbox
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise CorralError("run needs a command: corral run [OPTIONS] -- COMMAND [ARGS...]")
+    if args.alerts:
+        Path(args.alerts).touch()  # alerts are appended here as they happen
+    # SIGTERM is a request to stop: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    sandbox = Sandbox(args.policy, mode=args.mode, netns=args.netns, workdir=args.workdir, allow=args.allow,
+                      allow_domains=args.allow_domain, cpus=args.cpus, memory=args.memory, pids=args.pids,
+                      events_path=args.events, episode=args.episode)
+    try:
+        with sandbox:
+            result = sandbox.exec(argv, capture=False)
+            return result.exit_code
+    except KeyboardInterrupt:
+        print("corral: interrupted; the sandbox and everything in it were removed", file=sys.stderr)
+        return 130
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check that this host can run the sensor, and say what it has."""
     from corral.sensor import host
@@ -202,6 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="report every file open, not only watched credential/system paths")
     trace.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     trace.set_defaults(func=cmd_trace)
+
+    run = sub.add_parser(
+        "run", help="run a command in a sandbox: contained, watched, default-deny egress",
+        description="Run COMMAND in a new sandbox: its own cgroup (with limits), network namespace "
+                    "with default-deny egress enforced in the kernel, a bubblewrap filesystem "
+                    "(read-only system, writable /workspace, private /tmp, host secrets invisible), "
+                    "an unprivileged user without capabilities, and canary credentials in its home. "
+                    "Every process in it is watched. Exits with COMMAND's status (128+N if killed by "
+                    "signal N). Everything the sandbox made is removed when it ends.",
+        epilog="examples:\n  corral run -- python3 agent.py\n"
+               "  corral run --policy dev --events ev.jsonl -- pip install requests\n"
+               "  corral run --allow 198.51.100.7:443 --memory 2G --pids 256 -- ./tool.sh\n"
+               "  corral run --mode observe --netns lab -- ssh -R 8080:localhost:80 user@203.0.113.5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--policy", default="default", metavar="PATH|NAME",
+                     help="a policy YAML file, or a built-in: default (no egress), dev (package registries)")
+    run.add_argument("--mode", choices=("observe", "enforce"), default=None,
+                     help="observe: watch and alert only, never block; enforce (the policy's default): "
+                          "deny egress outside the allow list and apply rule actions")
+    run.add_argument("--netns", metavar="NAME", help="run in this existing network namespace (ip netns list) "
+                     "instead of a new one; egress rules still apply")
+    run.add_argument("--alerts", metavar="PATH", help="append alerts here as JSON lines")
+    run.add_argument("--events", metavar="PATH", help="append every event here as JSON lines")
+    run.add_argument("--workdir", metavar="DIR", help="host directory mounted read-write at /workspace "
+                     "(default: a fresh one, removed at the end); it is chowned to the sandbox user")
+    run.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]",
+                     help="allow egress to this address or CIDR (and port); repeatable")
+    run.add_argument("--allow-domain", action="append", default=[], metavar="NAME",
+                     help="allow egress to what this name resolves to (*.example.com for subdomains); "
+                          "repeatable")
+    run.add_argument("--cpus", type=float, metavar="N", help="CPU limit, in CPUs (e.g. 1.5)")
+    run.add_argument("--memory", metavar="SIZE", help="memory limit (e.g. 512M, 2G)")
+    run.add_argument("--pids", type=int, metavar="N", help="limit on processes and threads")
+    run.add_argument("--episode", metavar="LABEL", help="label events with this episode (e.g. an RL rollout id)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    run.set_defaults(func=cmd_run)
 
     doctor = sub.add_parser("doctor", help="check that this host can run the sensor",
                             description="Run every host check and load the sensor once.")

@@ -1,0 +1,459 @@
+"""corral.Sandbox: run commands contained and watched, one step at a time.
+
+A sandbox is made of (each piece in its own module):
+
+- a cgroup, with one child per step (cgroups.py), so a process keeps the step
+  that started it for life, also when detached;
+- a network namespace (netns.py) whose egress is default-deny in the kernel
+  (egress.py), with an allow list of addresses and, through corral's own DNS
+  resolver (dns.py), of domain names;
+- a filesystem and identity from bubblewrap (fs.py), with canary credentials
+  planted in its home (canaries.py);
+- the sensor watching every step cgroup, events written as JSON lines.
+
+The namespaces are held by one long-lived process (`sleep infinity` under
+bwrap, which reaps orphans as pid 1), started once; every step enters them
+with nsenter and drops to the sandbox's unprivileged user. So processes of
+step 1 can outlive it (as an agent's detached miner would), and are still
+watched and blamed on step 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from corral import events as ev
+from corral.errors import CorralError
+from corral.monitor import Monitor
+from corral.sandbox import canaries as canary_mod
+from corral.sandbox import cgroups, fs
+from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upstream
+from corral.sandbox.egress import EgressGuard, Mode, Rule
+from corral.sandbox.netns import ExistingNetns, NetNamespace
+from corral.sandbox.policy import Policy, load_policy
+
+STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
+DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace
+_HOLDER_START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one step did: its exit status (128+N when killed by signal N) and output."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    step: int
+
+
+class _EventPump(threading.Thread):
+    """Reads one Monitor and hands each event to the sandbox it belongs to.
+
+    A Monitor is read by one thread only; every sandbox of a process shares it.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__(name="corral-events", daemon=True)
+        self.monitor = monitor
+        self._listeners: dict[int, Callable[[ev.Event], None]] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._reads = 0
+
+    def add(self, sandbox_id: int, listener: Callable[[ev.Event], None]) -> None:
+        with self._lock:
+            self._listeners[sandbox_id] = listener
+
+    def remove(self, sandbox_id: int) -> None:
+        with self._lock:
+            self._listeners.pop(sandbox_id, None)
+
+    def run(self) -> None:
+        while True:
+            try:
+                batch = self.monitor.read(timeout=0.05)
+            except (OSError, ValueError):
+                return  # the monitor was closed under us: nothing more to deliver
+            with self._lock:
+                listeners = dict(self._listeners)
+            for event in batch:
+                listener = listeners.get(event.sandbox_id)
+                if listener is not None:
+                    listener(event)
+            with self._idle:
+                self._reads += 1
+                self._idle.notify_all()
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Wait until everything the kernel has written so far was delivered."""
+        with self._idle:
+            target = self._reads + 2  # the read in flight may predate the caller's events
+            self._idle.wait_for(lambda: self._reads >= target or not self.is_alive(), timeout)
+
+
+_pumps: dict[int, _EventPump] = {}
+_shared: dict[str, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_monitor() -> Monitor:
+    with _shared_lock:
+        if "monitor" not in _shared:
+            _shared["monitor"] = Monitor()
+        monitor: Monitor = _shared["monitor"]
+        return monitor
+
+
+def _shared_guard() -> EgressGuard:
+    with _shared_lock:
+        if "guard" not in _shared:
+            _shared["guard"] = EgressGuard()
+        guard: EgressGuard = _shared["guard"]
+        return guard
+
+
+def _pump_for(monitor: Monitor) -> _EventPump:
+    with _shared_lock:
+        pump = _pumps.get(id(monitor))
+        if pump is None or not pump.is_alive():
+            pump = _EventPump(monitor)
+            _pumps[id(monitor)] = pump
+            pump.start()
+        return pump
+
+
+def reap_stale() -> list[str]:
+    """Remove what dead corral runs left behind: cgroups, namespaces, state dirs."""
+    reaped = cgroups.reap_stale() + NetNamespace.reap_stale()
+    base = STATE_DIR / "sandboxes"
+    if base.is_dir():
+        for entry in base.iterdir():
+            owner = entry.name.split("-")
+            if len(owner) >= 2 and owner[0] == "sb" and owner[1].isdigit() and not _alive(int(owner[1])):
+                shutil.rmtree(entry, ignore_errors=True)
+                reaped.append(str(entry))
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Sandbox:
+    """A contained place to run an agent's commands; each exec() is one step.
+
+        with Sandbox(policy="default", allow=["198.51.100.10:443"]) as sb:
+            result = sb.exec(["python3", "agent_tool.py"])
+    """
+
+    def __init__(self, policy: Policy | str = "default", *, mode: str | None = None, netns: str | None = None,
+                 workdir: str | Path | None = None, allow: Sequence[str] = (), allow_domains: Sequence[str] = (),
+                 cpus: float | None = None, memory: int | str | None = None, pids: int | None = None,
+                 monitor: Monitor | None = None, events_path: str | Path | None = None,
+                 episode: str | None = None, dns_upstream: tuple[str, int] | None = None,
+                 env: Mapping[str, str] | None = None, host_uid: int = 65534, host_gid: int = 65534) -> None:
+        base = policy if isinstance(policy, Policy) else load_policy(policy)
+        memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
+        self.policy = base.merged(allow=tuple(allow), allow_domains=tuple(allow_domains), mode=mode, cpus=cpus,
+                                  memory_bytes=memory_bytes, pids=pids)
+        self.name = cgroups.sandbox_name()
+        self.id = secrets.randbelow(2**31 - 2) + 1
+        self.episode = episode
+        self.events: list[ev.Event] = []
+        self.questions: list[Question] = []
+        self._netns_name = netns
+        self._workdir = Path(workdir).resolve() if workdir else None
+        self._monitor = monitor
+        self._events_path = Path(events_path) if events_path else None
+        self._dns_upstream = dns_upstream
+        self._env = dict(env or {})
+        self._ids = _owner_ids(self._workdir) or (host_uid, host_gid)
+        self._step = 0
+        self._started = False
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()
+        self._events_file: IO[str] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Build the sandbox; everything made is undone by close(), also on failure."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        reap_stale()
+        stack = self._stack
+        self.state_dir = STATE_DIR / "sandboxes" / self.name
+        self.state_dir.mkdir(parents=True, exist_ok=False)
+        stack.callback(shutil.rmtree, self.state_dir, True)
+        host_uid, host_gid = self._ids
+        self.workspace = self._workdir or self.state_dir / "workspace"
+        home = self.state_dir / "home"
+
+        self.monitor = self._monitor or _shared_monitor()
+        if self._events_path is not None:
+            self._events_file = open(self._events_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            stack.callback(self._events_file.close)
+
+        self.cgroup = cgroups.SandboxCgroup(self.name, cgroups.Limits(
+            cpus=self.policy.cpus, memory_bytes=self.policy.memory_bytes, pids=self.policy.pids))
+        stack.callback(self.cgroup.destroy)
+
+        self.netns: NetNamespace | ExistingNetns
+        if self._netns_name:
+            self.netns = ExistingNetns(self._netns_name)
+        else:
+            self.netns = NetNamespace(self.name)
+            stack.callback(self.netns.destroy)
+
+        self.guard = _shared_guard()
+        self.mode = Mode.OBSERVE if self.policy.mode == "observe" else Mode.ENFORCE
+        self.guard.add_sandbox(self.id, self.mode)  # ALWAYS_DENIED included
+        stack.callback(self.guard.remove_sandbox, self.id)
+        for text in self.policy.deny:
+            self.guard.deny(self.id, Rule.parse(text))
+        # The sandbox's own loopback (its own namespace) is where its DNS resolver listens.
+        for text in ("127.0.0.0/8", "::1/128", *self.policy.allow):
+            self.guard.allow(self.id, Rule.parse(text))
+
+        pump = _pump_for(self.monitor)
+        pump.add(self.id, self._on_event)
+        stack.callback(pump.remove, self.id)
+
+        resolv_conf = None
+        if self.policy.allow_domains:
+            resolv_conf = self._start_resolver()
+
+        self.layout = fs.FsLayout(workspace=self.workspace, home=home, resolv_conf=resolv_conf,
+                                  host_uid=host_uid, host_gid=host_gid,
+                                  extra_ro=tuple(Path(p) for p in self.policy.extra_ro),
+                                  etc_dir=self.state_dir / "etc")
+        fs.prepare_dirs(self.layout)
+        self.canaries = canary_mod.plant(home, host_uid, host_gid)
+        canary_mod.save(self.canaries, self.state_dir / "canaries.json")
+        for canary in self.canaries:
+            self.monitor.watch_file(canary.path)
+            stack.callback(self.monitor.sensor.unwatch_file, canary.path)
+        self._start_holder()
+
+    def _start_resolver(self) -> Path:
+        """corral's DNS resolver, listening inside the sandbox's network namespace."""
+        resolver = Resolver(self._dns_upstream or system_upstream(), self._on_question, self._on_admit)
+        self._stack.callback(resolver.close)
+        with _in_netns(self.netns.exec_prefix()[-1]):
+            resolver.serve(self.id, (DNS_LISTEN, 53), self.policy.allow_domains)
+        path = self.state_dir / "resolv.conf"
+        path.write_text(resolv_conf_text(DNS_LISTEN))
+        path.chmod(0o644)
+        return path
+
+    def _start_holder(self) -> None:
+        """The process that holds the namespaces for every step, in step cgroup 0."""
+        holder_cg = self.cgroup.new_step(0)
+        self.monitor.watch_cgroup(holder_cg.id, self.id, 0)
+        self._stack.callback(self.monitor.unwatch_cgroup, holder_cg.id)
+        self.guard.bind_cgroup(holder_cg.id, self.id)
+        argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"], self._env)
+        holder = subprocess.Popen(argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._stack.callback(_end, holder)
+        self._holder_pid = _wait_for_sleeper(holder)
+
+    def close(self) -> None:
+        """Kill everything in the sandbox and remove all it made. Safe to call twice."""
+        if hasattr(self, "cgroup"):
+            # Kill first and let the exit events arrive while the steps are still watched.
+            with contextlib.suppress(Exception):
+                self.cgroup.kill_all()
+            with contextlib.suppress(Exception):
+                _pump_for(self.monitor).flush()
+        self._stack.close()
+
+    # -- steps ---------------------------------------------------------------
+
+    def exec(self, command: Sequence[str] | str, step: int | None = None, *, timeout: float | None = None,
+             input: str | None = None, capture: bool = True) -> Result:
+        """Run one step to completion and return its result.
+
+        `command` is an argv list, or a string run by /bin/sh -c. `capture=False`
+        lets the step use the caller's stdin/stdout/stderr (the CLI does).
+        """
+        if not self._started:
+            self.start()
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        with self._lock:
+            self._step = step if step is not None else self._step + 1
+            number = self._step
+        step_cg = self.cgroup.new_step(number)
+        self.monitor.watch_cgroup(step_cg.id, self.id, number)
+        self._stack.callback(self.monitor.unwatch_cgroup, step_cg.id)
+        self.guard.bind_cgroup(step_cg.id, self.id)
+        full = fs.enter_argv(self._holder_pid, argv, self._env)
+        pipe = subprocess.PIPE if capture else None
+        proc = subprocess.Popen(full, preexec_fn=_join_cgroup(step_cg.procs_files()), text=True,
+                                stdin=subprocess.PIPE if input is not None else (None if not capture else
+                                                                                  subprocess.DEVNULL),
+                                stdout=pipe, stderr=pipe)
+        try:
+            out, err = proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in step_cg.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        except BaseException:
+            _end(proc)
+            raise
+        code = proc.returncode
+        return Result(code if code >= 0 else 128 - code, out or "", err or "", number)
+
+    def flush_events(self) -> None:
+        """Wait until the events of what has run so far were delivered to self.events."""
+        _pump_for(self.monitor).flush()
+
+    # -- what the sandbox did ------------------------------------------------
+
+    def _on_event(self, event: ev.Event) -> None:
+        self.events.append(event)
+        if self._events_file is not None:
+            record = event.to_dict()
+            record["sandbox"] = self.name
+            if self.episode:
+                record["episode"] = self.episode
+            self._events_file.write(json.dumps(record) + "\n")
+
+    def _on_question(self, q: Question) -> None:
+        self.questions.append(q)
+        if self._events_file is not None:
+            self._events_file.write(json.dumps({
+                "kind": "dns", "time": ev.rfc3339(q.time_ns), "sandbox": self.name, "sandbox_id": q.sandbox_id,
+                "name": q.name, "qtype": q.qtype, "allowed": q.allowed, "answers": list(q.answers),
+                "rcode": q.rcode, "client": q.client, **({"episode": self.episode} if self.episode else {}),
+            }) + "\n")
+
+    def _on_admit(self, sandbox_id: int, address: str, ttl: int) -> None:
+        rule = Rule.parse(address)
+        self.guard.allow(sandbox_id, rule)
+        timer = threading.Timer(ttl, self._expire, (sandbox_id, rule))
+        timer.daemon = True
+        timer.start()
+        self._stack.callback(timer.cancel)
+
+    def _expire(self, sandbox_id: int, rule: Rule) -> None:
+        with contextlib.suppress(Exception):  # the sandbox may be gone already
+            self.guard.revoke(sandbox_id, rule)
+
+
+def _owner_ids(workdir: Path | None) -> tuple[int, int] | None:
+    """Run as the owner of a user's own workdir (so it is not chowned away from
+    them), unless root owns it: the sandbox never runs as host root."""
+    if workdir is None or not workdir.exists():
+        return None
+    st = workdir.stat()
+    return (st.st_uid, st.st_gid) if st.st_uid > 0 and st.st_gid > 0 else None
+
+
+def _join_cgroup(procs_files: list[Path]) -> Callable[[], None]:
+    """A preexec_fn: move the child into its step cgroup (every hierarchy) and
+    drop root's supplementary groups before anything of the sandbox runs."""
+    paths = [str(p) for p in procs_files]
+
+    def join() -> None:
+        pid = str(os.getpid()).encode()
+        for path in paths:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        os.setgroups([])
+
+    return join
+
+
+def _wait_for_sleeper(holder: subprocess.Popen[bytes]) -> int:
+    """The host pid of the holder's `sleep infinity`: bwrap's grandchild, which
+    exists only once bwrap has finished building the mounts."""
+    deadline = time.monotonic() + _HOLDER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if holder.poll() is not None:
+            err = holder.stderr.read().decode(errors="replace").strip() if holder.stderr else ""
+            raise CorralError(f"the sandbox did not start: {err or 'bwrap exited ' + str(holder.returncode)}")
+        for pid in _descendants(holder.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
+                    return pid
+        time.sleep(0.005)
+    _end(holder)
+    raise CorralError(f"the sandbox did not start within {_HOLDER_START_TIMEOUT_S:.0f} s")
+
+
+def _descendants(pid: int) -> Iterator[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return
+    for child in map(int, children):
+        yield child
+        yield from _descendants(child)
+
+
+def _end(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _in_netns(name: str) -> Iterator[None]:
+    """Run the block in another network namespace (sockets made here stay in it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, clone_newnet) != 0:
+            raise CorralError(f"cannot enter network namespace {name}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            libc.setns(own, clone_newnet)
+    finally:
+        os.close(own)
+        os.close(target)
