@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 EXEC, FORK, EXIT, CONNECT, SEND, BIND, LISTEN, ACCEPT, OPEN, UNLINK, RENAME = range(1, 12)
 DUP_SOCKET, PTRACE, MOUNT, NS, MODULE_LOAD, BPF, MEMFD_EXEC, SETUID, CAPSET, SIGNAL = range(12, 22)
 DROP = 100  # made in user space from the kernel's per-CPU drop counter
+# Derived events: made in user space by detectors (corral.detect) from other events.
+DNS, FLOW, SCAN, CPU_SATURATION, LONG_SESSION, CRED_THEN_EGRESS, DNS_TUNNEL, OUTLIVES_STEP = range(101, 109)
 
 KIND_NAMES: dict[int, str] = {
     EXEC: "exec", FORK: "fork", EXIT: "exit", CONNECT: "connect", SEND: "send", BIND: "bind",
@@ -28,7 +30,10 @@ KIND_NAMES: dict[int, str] = {
     DUP_SOCKET: "dup_socket", PTRACE: "ptrace", MOUNT: "mount", NS: "ns",
     MODULE_LOAD: "module_load", BPF: "bpf", MEMFD_EXEC: "memfd_exec", SETUID: "setuid",
     CAPSET: "capset", SIGNAL: "signal", DROP: "drop",
+    DNS: "dns", FLOW: "flow", SCAN: "scan", CPU_SATURATION: "cpu_saturation", LONG_SESSION: "long_session",
+    CRED_THEN_EGRESS: "cred_then_egress", DNS_TUNNEL: "dns_tunnel", OUTLIVES_STEP: "outlives_step",
 }
+KIND_IDS: dict[str, int] = {name: type_id for type_id, name in KIND_NAMES.items()}
 KINDS: frozenset[str] = frozenset(KIND_NAMES.values())
 
 _CLOCK_OFFSET_NS = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -489,3 +494,42 @@ class DropEvent(Event):
     @property
     def total(self) -> int:
         return int(self._t[11])
+
+
+class DerivedEvent(Event):
+    """An event made in user space (a DNS question, a classified flow, a scan...).
+
+    It carries the header of the process it is about (pid, sandbox, step, ...)
+    and its own fields in ``data``, named as rules use them without the kind
+    prefix (a ``scan`` event's ``data["hosts"]`` is the rule field ``scan.hosts``).
+    """
+
+    __slots__ = ("data",)
+    data: dict[str, Any]
+
+    @classmethod
+    def make(cls, kind: str, *, ts_ns: int | None = None, cgroup_id: int = 0, pid: int = 0, tid: int = 0,
+             ppid: int = 0, uid: int = 0, sandbox_id: int = 0, step_id: int = 0, comm: str = "",
+             proc: Process | None = None, **data: Any) -> DerivedEvent:
+        ts = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if ts_ns is None else ts_ns
+        ev = object.__new__(cls)
+        ev._t = (ts, cgroup_id, KIND_IDS[kind], pid, tid, ppid, uid, sandbox_id, step_id, comm.encode()[:16])
+        ev.proc = proc
+        ev.data = data
+        return ev
+
+    @classmethod
+    def about(cls, kind: str, source: Event, *, ts_ns: int | None = None, **data: Any) -> DerivedEvent:
+        """A derived event about the same process, sandbox and step as ``source``."""
+        return cls.make(kind, ts_ns=source.ts_ns if ts_ns is None else ts_ns, cgroup_id=source.cgroup_id,
+                        pid=source.pid, tid=source.tid, ppid=source.ppid, uid=source.uid,
+                        sandbox_id=source.sandbox_id, step_id=source.step_id, comm=source.comm,
+                        proc=source.proc, **data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(self.data)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} pid={self.pid} {self.data!r}>"
