@@ -81,12 +81,18 @@ def test_host_wide_mode_sees_unwatched_processes_but_not_itself() -> None:
     assert all(e.pid != os.getpid() for e in seen)
 
 
-def test_unknown_record_type_is_counted_not_fatal(monitor: Monitor) -> None:
-    raw = bytearray(records.STRUCTS["sys_event"].size)
-    raw[records.TYPE_OFFSET] = 99
-    before = monitor.sensor.bad_records
-    assert monitor.sensor._decode(memoryview(raw), 0, len(raw)) is None
-    assert monitor.sensor.bad_records == before + 1
+def test_unknown_or_short_records_are_counted_not_fatal(monitor: Monitor) -> None:
+    sensor = monitor.sensor
+    unknown = bytearray(records.STRUCTS["sys_event"].size)
+    unknown[records.TYPE_OFFSET] = 99
+    assert 99 not in sensor._table  # so the ring reader hands it to _unknown
+    short = bytearray(records.HEADER.size)  # a connect record cut after its header
+    short[records.TYPE_OFFSET] = ev.CONNECT
+    with pytest.raises(ValueError):  # which the ring reader also hands to _unknown
+        sensor._table[ev.CONNECT](memoryview(short), 0, len(short))
+    before = sensor.bad_records
+    assert sensor._unknown(memoryview(unknown), 0, len(unknown)) is None
+    assert sensor.bad_records == before + 1
 
 
 def test_not_root_gives_one_clear_line() -> None:

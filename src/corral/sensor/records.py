@@ -104,7 +104,13 @@ Decoder = Callable[[bytes | memoryview | bytearray, int, int], ev.Event]
 _EXEC_FIXED = STRUCTS["exec_event"]
 
 
+class ShortRecord(ValueError):
+    """A record smaller than its type's layout: never from our own programs."""
+
+
 def _decode_exec(buf: bytes | memoryview | bytearray, off: int, size: int) -> ev.Event:
+    if size < _EXEC_FIXED.size:
+        raise ShortRecord(f"exec record of {size} bytes")
     values = _EXEC_FIXED.unpack_from(buf, off)
     args_len = min(values[11], size - _EXEC_FIXED.size, ARGS_LEN)
     args = bytes(buf[off + _EXEC_FIXED.size: off + _EXEC_FIXED.size + max(args_len, 0)])
@@ -114,26 +120,23 @@ def _decode_exec(buf: bytes | memoryview | bytearray, off: int, size: int) -> ev
 def _fixed(cls: type[ev.Event], layout: struct.Struct) -> Decoder:
     unpack = layout.unpack_from
     new = object.__new__
+    min_size = layout.size
 
-    def decode(buf: bytes | memoryview | bytearray, off: int, size: int) -> ev.Event:
+    def decode_fixed(buf: bytes | memoryview | bytearray, off: int, size: int) -> ev.Event:
+        if size < min_size:
+            raise ShortRecord(f"{cls.__name__} record of {size} bytes, expected {min_size}")
         e = new(cls)
         e._t = unpack(buf, off)
         e.proc = None
         return e
 
-    return decode
+    return decode_fixed
 
 
-def _decoders() -> dict[int, tuple[Decoder, int]]:
-    """type id -> (decode function, smallest valid record size)."""
-    table: dict[int, tuple[Decoder, int]] = {}
-    for type_id, (cls, layout) in _BY_TYPE.items():
-        st = STRUCTS[layout]
-        if type_id == ev.EXEC:
-            table[type_id] = (_decode_exec, st.size)
-        else:
-            table[type_id] = (_fixed(cls, st), st.size)
-    return table
+def _decoders() -> dict[int, Decoder]:
+    """type id -> decode function (raising ShortRecord on a short record)."""
+    return {type_id: _decode_exec if type_id == ev.EXEC else _fixed(cls, STRUCTS[layout])
+            for type_id, (cls, layout) in _BY_TYPE.items()}
 
 
 DECODERS = _decoders()
@@ -143,12 +146,9 @@ def decode(buf: bytes | memoryview | bytearray, off: int = 0, size: int | None =
     """Decode one record; raises ValueError on an unknown or short record."""
     size = len(buf) - off if size is None else size
     if size < HEADER.size:
-        raise ValueError(f"record of {size} bytes is shorter than its header")
+        raise ShortRecord(f"record of {size} bytes is shorter than its header")
     type_id = int.from_bytes(buf[off + TYPE_OFFSET: off + TYPE_OFFSET + 4], "little")
-    entry = DECODERS.get(type_id)
-    if entry is None:
+    fn = DECODERS.get(type_id)
+    if fn is None:
         raise ValueError(f"unknown event type {type_id}")
-    fn, min_size = entry
-    if size < min_size:
-        raise ValueError(f"{ev.KIND_NAMES[type_id]} record of {size} bytes, expected {min_size}")
     return fn(buf, off, size)

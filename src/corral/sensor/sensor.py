@@ -12,7 +12,7 @@ from corral.errors import CorralError, HostError
 from corral.sensor import host, records
 from corral.sensor.cgroups import cgroup_id, cgroup_of_pid
 from corral.sensor.libbpf import BpfObject, LibbpfError, Link, possible_cpus
-from corral.sensor.ringbuf import RingBuffer
+from corral.sensor.ringbuf import Decoder, RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "sensor.bpf.o"
 _DROP_CHECK_INTERVAL_S = 0.1
@@ -78,6 +78,8 @@ class Sensor:
         self.drops_total = 0
         self.bad_records = 0
         self._cgroup_of_pid: dict[int, int] = {}
+        self._proc_cgroups: dict[int, tuple[int | None, float]] = {}
+        self._table = self._decoders()
         self._last_drop_check = 0.0
 
     def _load(self, host_wide: bool, trace_all_opens: bool, ring_size: int) -> None:
@@ -140,16 +142,22 @@ class Sensor:
 
     # -- events ------------------------------------------------------------
 
-    def _decode(self, view: memoryview, off: int, size: int) -> ev.Event | None:
-        entry = records.DECODERS.get(int.from_bytes(view[off + 16:off + 20], "little"))
-        if entry is None or size < entry[1]:
-            self.bad_records += 1
-            return None
-        event = entry[0](view, off, size)
-        kind = event.type
-        if kind == ev.FORK or kind == ev.EXEC or kind == ev.EXIT or kind == ev.SIGNAL:
-            return self._track_cgroups(event)
-        return event
+    def _decoders(self) -> dict[int, Decoder]:
+        """Per record type, the function that makes its event.  Fork, exec, exit
+        and signal records also pass through _track_cgroups."""
+        table: dict[int, Decoder] = dict(records.DECODERS)
+        for type_id in (ev.FORK, ev.EXEC, ev.EXIT, ev.SIGNAL):
+            table[type_id] = self._tracked(records.DECODERS[type_id])
+        return table
+
+    def _tracked(self, decode: records.Decoder) -> Decoder:
+        def tracked(view: memoryview, off: int, size: int) -> ev.Event | None:
+            return self._track_cgroups(decode(view, off, size))
+        return tracked
+
+    def _unknown(self, view: memoryview, off: int, size: int) -> ev.Event | None:
+        self.bad_records += 1
+        return None
 
     def _track_cgroups(self, event: ev.Event) -> ev.Event | None:
         """Know each watched process's cgroup from the stream itself, so a
@@ -165,16 +173,30 @@ class Sensor:
         elif isinstance(event, ev.SignalEvent) and event.target_pid > 0:
             target = cgroups.get(event.target_pid)
             if target is None:
-                target = _cgroup_id_of_pid(event.target_pid)
+                target = self._outside_cgroup(event.target_pid)
             if target == event.cgroup_id:
                 return None
         return event
+
+    def _outside_cgroup(self, pid: int) -> int | None:
+        """The cgroup of a process this stream has not seen start, from /proc,
+        remembered for a second: `kill(pid, 0)` in a loop is a common liveness
+        check, and a /proc read per signal would cost the monitor ~50 µs each."""
+        now = time.monotonic()
+        cached = self._proc_cgroups.get(pid)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        if len(self._proc_cgroups) > 4096:
+            self._proc_cgroups.clear()
+        found = _cgroup_id_of_pid(pid)
+        self._proc_cgroups[pid] = (found, now + 1.0)
+        return found
 
     def read(self, timeout: float = 0.0) -> list[ev.Event]:
         """Events ready now, waiting up to ``timeout`` seconds for the first."""
         if timeout > 0 and not self.ring.pending():
             self.ring.wait(timeout)
-        batch = self.ring.read(self._decode)
+        batch = self.ring.read(self._table, records.TYPE_OFFSET, self._unknown)
         now = time.monotonic()
         if now - self._last_drop_check >= _DROP_CHECK_INTERVAL_S:
             self._last_drop_check = now
