@@ -155,11 +155,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if chosen != 1:
         raise CorralError("trace needs exactly one of: -- COMMAND..., --cgroup PATH, --pid PID "
                           "(see `corral trace --help`)")
-    with Monitor(trace_all_opens=args.all_opens) as mon:
-        emit = _Printer(sys.stdout, args.json, mon)
-        if argv:
-            return _trace_command(mon, argv, emit)
-        return _trace_existing(mon, args.cgroup, args.pid, emit)
+    # Not closed here: the process exit detaches the programs (see entry()).
+    mon = Monitor(trace_all_opens=args.all_opens)
+    emit = _Printer(sys.stdout, args.json, mon)
+    if argv:
+        return _trace_command(mon, argv, emit)
+    return _trace_existing(mon, args.cgroup, args.pid, emit)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -199,11 +200,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     host.preflight()
     print(f"ok  privileges, BTF, tracefs, bpffs; cgroup v2 at {host.cgroup2_root()}")
     started = time.monotonic()
-    with Sensor() as sensor:
-        took = (time.monotonic() - started) * 1000
-        print(f"ok  sensor loaded and attached in {took:.0f} ms")
-        for section in sensor.unavailable:
-            print(f"--  {section}: this kernel has no such hook; those events are not seen")
+    sensor = Sensor()  # detached by the process exit (see entry())
+    took = (time.monotonic() - started) * 1000
+    print(f"ok  sensor loaded and attached in {took:.0f} ms")
+    for section in sensor.unavailable:
+        print(f"--  {section}: this kernel has no such hook; those events are not seen")
     return 0
 
 
@@ -287,5 +288,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The `corral` console script: main(), then a fast exit.
+
+    Detaching the sensor's ~50 tracepoint programs costs the kernel an RCU grace
+    period each (~60 ms here: seconds in all), paid when their last file
+    descriptors close.  A child that inherits those descriptors, and nothing
+    else, pays it after we have exited, so the caller gets the exit status at once.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        os.setsid()
+        os.closerange(0, 3)  # whoever reads our output must not wait for this child
+        os._exit(0)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -99,9 +99,12 @@ class _EventPump(threading.Thread):
 
     def flush(self, timeout: float = 1.0) -> None:
         """Wait until everything the kernel has written so far was delivered."""
+        deadline = time.monotonic() + timeout
         with self._idle:
             target = self._reads + 2  # the read in flight may predate the caller's events
-            self._idle.wait_for(lambda: self._reads >= target or not self.is_alive(), timeout)
+            while self._reads < target and self.is_alive() and time.monotonic() < deadline:
+                self.monitor.sensor.ring.wake()
+                self._idle.wait(0.01)
 
 
 _pumps: dict[int, _EventPump] = {}
