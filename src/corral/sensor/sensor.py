@@ -16,6 +16,9 @@ from corral.sensor.ringbuf import Decoder, RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "sensor.bpf.o"
 _DROP_CHECK_INTERVAL_S = 0.1
+#: How long records may wait in the ring before the reader looks: the bound on
+#: the latency the kernel's batched wake-ups add.
+POLL_SLICE_S = 0.002
 
 
 def object_path() -> Path:
@@ -194,8 +197,14 @@ class Sensor:
 
     def read(self, timeout: float = 0.0) -> list[ev.Event]:
         """Events ready now, waiting up to ``timeout`` seconds for the first."""
-        if timeout > 0 and not self.ring.pending():
-            self.ring.wait(timeout)
+        if timeout > 0:
+            # The kernel wakes us only per 256 KiB of records (see WAKEUP_BYTES in
+            # sensor.bpf.c), so look for new records every POLL_SLICE_S meanwhile.
+            deadline = time.monotonic() + timeout
+            while not self.ring.pending():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.ring.wait(min(left, POLL_SLICE_S)):
+                    break
         batch = self.ring.read(self._table, records.TYPE_OFFSET, self._unknown)
         now = time.monotonic()
         if now - self._last_drop_check >= _DROP_CHECK_INTERVAL_S:
