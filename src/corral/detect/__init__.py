@@ -1,0 +1,1 @@
+"""Detect: rules and stateful detectors that turn events into derived events and alerts."""
