@@ -508,7 +508,7 @@ class DerivedEvent(Event):
     data: dict[str, Any]
 
     @classmethod
-    def make(cls, kind: str, *, ts_ns: int | None = None, cgroup_id: int = 0, pid: int = 0, tid: int = 0,
+    def make(cls, kind: str, /, *, ts_ns: int | None = None, cgroup_id: int = 0, pid: int = 0, tid: int = 0,
              ppid: int = 0, uid: int = 0, sandbox_id: int = 0, step_id: int = 0, comm: str = "",
              proc: Process | None = None, **data: Any) -> DerivedEvent:
         ts = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if ts_ns is None else ts_ns
@@ -519,7 +519,7 @@ class DerivedEvent(Event):
         return ev
 
     @classmethod
-    def about(cls, kind: str, source: Event, *, ts_ns: int | None = None, **data: Any) -> DerivedEvent:
+    def about(cls, kind: str, source: Event, /, *, ts_ns: int | None = None, **data: Any) -> DerivedEvent:
         """A derived event about the same process, sandbox and step as ``source``."""
         return cls.make(kind, ts_ns=source.ts_ns if ts_ns is None else ts_ns, cgroup_id=source.cgroup_id,
                         pid=source.pid, tid=source.tid, ppid=source.ppid, uid=source.uid,

@@ -1,0 +1,145 @@
+"""``cpu_saturation``: a process that kept (at least) X% of one CPU busy for T seconds.
+
+The kernel sensor does not sample CPU; this detector does, at each tick, from
+``/proc/<pid>/stat`` (utime + stime of the whole thread group), for the processes of watched
+sandboxes it learns from exec, fork and connect events and forgets on exit.  The default, 40%
+over 20 s, catches a miner throttled to half a CPU ("stealthier variants", docs/threats.md) while a
+compiler burst or a test run that pins a CPU for a few seconds stays under it.  The event lists
+the process's recent outbound peers, because a miner talks to its pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from corral import events as ev
+from corral.detect.detectors._common import EINPROGRESS, NS, Lru, due, hostport, outbound
+
+_TICK_NS = NS // os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class _Proc:
+    origin: ev.Event  # the exec, fork or connect it was learned from (header of what we emit)
+    pid: int
+    ppid: int
+    start: int = -1  # /proc starttime, to notice a reused pid
+    samples: deque[tuple[int, int]] = field(default_factory=deque)  # (now_ns, cpu ns)
+    peers: dict[str, int] = field(default_factory=dict)  # "ip:port" -> last seen, in insertion order
+    busy_ns: int = 0  # time spent saturated, counted from the first conclusion
+    reported_ns: int = 0
+    last_ns: int = 0
+
+
+def _cpu_ns(pid: int) -> tuple[int, int] | None:
+    """(starttime, utime + stime in ns) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2:].split()  # comm may hold spaces and parentheses
+    return int(fields[19]), (int(fields[11]) + int(fields[12])) * _TICK_NS
+
+
+class CpuSaturationDetector:
+    """Emits ``cpu_saturation`` (data: percent, seconds, peers).
+
+    ``percent``: the average % of one CPU over the last ``seconds_window`` (above 100 for several
+    busy threads); ``seconds``: how long the process has been found saturated so far; ``peers``:
+    recent outbound "ip:port" it connected to.  One event per process, another each time
+    ``seconds`` doubles.
+    """
+
+    kinds = frozenset((ev.EXEC, ev.FORK, ev.EXIT, ev.CONNECT))
+
+    def __init__(self, *, percent: float = 40.0, seconds: float = 20.0, max_per_sandbox: int = 1024,
+                 max_peers: int = 8) -> None:
+        """
+        percent, seconds: the average share of one CPU, and over how long, that concludes.
+        max_per_sandbox: processes sampled per sandbox (the oldest learned are dropped beyond it;
+        a sandbox's pids limit is normally far below).
+        max_peers: peers kept per process (the most recent).
+        """
+        self.percent, self.window_ns = percent, int(seconds * NS)
+        self.max_per_sandbox, self.max_peers = max_per_sandbox, max_peers
+        self._sandboxes: dict[int, Lru[int, _Proc]] = {}
+
+    def _table(self, event: ev.Event) -> Lru[int, _Proc]:
+        key = event.sandbox_id or -event.cgroup_id  # host-wide mode: one table per cgroup
+        table = self._sandboxes.get(key)
+        if table is None:
+            table = self._sandboxes[key] = Lru(self.max_per_sandbox)
+        return table
+
+    def feed(self, event: ev.Event) -> list[ev.DerivedEvent]:
+        t = event.type
+        if t == ev.FORK and isinstance(event, ev.ForkEvent):
+            child = event.child_pid
+            self._table(event).put(child, _Proc(event, child, event.pid))
+        elif t == ev.EXEC:
+            # the same process (its CPU time carries on), now known by its new image
+            self._table(event).touch(event.pid, lambda: _Proc(event, event.pid, event.ppid)).origin = event
+        elif t == ev.EXIT:
+            table = self._sandboxes.get(event.sandbox_id or -event.cgroup_id)
+            if table is not None:
+                table.pop(event.pid, None)
+        elif t == ev.CONNECT:
+            net = outbound(event)
+            if net is not None and net.result in (0, -EINPROGRESS):
+                proc = self._table(net).touch(net.pid, lambda: _Proc(net, net.pid, net.ppid))
+                if proc.origin.pid != net.pid:
+                    proc.origin = net  # learned from its fork: this event knows the process itself
+                peer = hostport(net.addr, net.port)
+                proc.peers.pop(peer, None)
+                proc.peers[peer] = net.ts_ns
+                if len(proc.peers) > self.max_peers:
+                    del proc.peers[next(iter(proc.peers))]
+        return []
+
+    def tick(self, now_ns: int) -> list[ev.DerivedEvent]:
+        out: list[ev.DerivedEvent] = []
+        for key, table in list(self._sandboxes.items()):
+            for pid, proc in list(table.items()):
+                found = _cpu_ns(pid)
+                if found is None:
+                    del table[pid]  # gone (its exit event may have been dropped)
+                    continue
+                if found[0] != proc.start:
+                    if proc.start != -1:
+                        del table[pid]  # the pid was reused (the exit was lost): not the process we knew
+                        continue
+                    proc.start = found[0]
+                event = self._sample(proc, now_ns, found[1])
+                if event is not None:
+                    out.append(event)
+            if not table:
+                del self._sandboxes[key]
+        return out
+
+    def _sample(self, proc: _Proc, now: int, cpu: int) -> ev.DerivedEvent | None:
+        samples = proc.samples
+        samples.append((now, cpu))
+        since = now - self.window_ns
+        # keep exactly one sample at or before the window's start, to average over >= T seconds
+        while len(samples) >= 2 and samples[1][0] <= since:
+            samples.popleft()
+        last, proc.last_ns = proc.last_ns, now
+        start, cpu0 = samples[0]
+        if start > since or now == start:
+            return None  # not watched for T seconds yet
+        percent = 100.0 * (cpu - cpu0) / (now - start)
+        if percent < self.percent:
+            return None
+        proc.busy_ns += (now - start) if proc.busy_ns == 0 else (now - last)
+        if not due(proc.busy_ns, self.window_ns, proc.reported_ns):
+            return None
+        proc.reported_ns = proc.busy_ns
+        o = proc.origin
+        return ev.DerivedEvent.make(
+            "cpu_saturation", ts_ns=now, cgroup_id=o.cgroup_id, pid=proc.pid, tid=proc.pid, ppid=proc.ppid,
+            uid=o.uid, sandbox_id=o.sandbox_id, step_id=o.step_id, comm=o.comm,
+            proc=o.proc if o.pid == proc.pid else None,
+            percent=round(percent, 1), seconds=round(proc.busy_ns / NS, 1), peers=list(proc.peers))
