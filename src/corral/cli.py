@@ -16,6 +16,7 @@ from typing import TextIO
 from corral import events as ev
 from corral.errors import CorralError
 from corral.monitor import Monitor
+from corral.rules.cli import add_rules_parser
 
 _ERRNO_NAMES = {-1: "EPERM", -2: "ENOENT", -13: "EACCES", -101: "ENETUNREACH", -110: "ETIMEDOUT",
                 -111: "ECONNREFUSED", -113: "EHOSTUNREACH", -115: "EINPROGRESS", -98: "EADDRINUSE"}
@@ -182,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     sandbox = Sandbox(args.policy, mode=args.mode, netns=args.netns, workdir=args.workdir, allow=args.allow,
                       allow_domains=args.allow_domain, cpus=args.cpus, memory=args.memory, pids=args.pids,
-                      events_path=args.events, episode=args.episode)
+                      events_path=args.events, alerts_path=args.alerts, episode=args.episode, rules=args.rules,
+                      on_alert=lambda alert: print(alert.line(), file=sys.stderr, flush=True))
     try:
         with sandbox:
             result = sandbox.exec(argv, capture=False)
@@ -266,9 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=float, metavar="N", help="CPU limit, in CPUs (e.g. 1.5)")
     run.add_argument("--memory", metavar="SIZE", help="memory limit (e.g. 512M, 2G)")
     run.add_argument("--pids", type=int, metavar="N", help="limit on processes and threads")
+    run.add_argument("--rules", action="append", default=[], metavar="PATH",
+                     help="a rule file (or directory of them) loaded after the built-in rules; repeatable")
     run.add_argument("--episode", metavar="LABEL", help="label events with this episode (e.g. an RL rollout id)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_run)
+
+    add_rules_parser(sub)
 
     doctor = sub.add_parser("doctor", help="check that this host can run the sensor",
                             description="Run every host check and load the sensor once.")

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from corral import events as ev
+from corral.detect.engine import Alert
 from corral.errors import CorralError
 from corral.monitor import Monitor
+from corral.pipeline import Pipeline
 from corral.sandbox import canaries as canary_mod
 from corral.sandbox import cgroups, fs
 from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upstream
@@ -59,55 +61,7 @@ class Result:
     step: int
 
 
-class _EventPump(threading.Thread):
-    """Reads one Monitor and hands each event to the sandbox it belongs to.
-
-    A Monitor is read by one thread only; every sandbox of a process shares it.
-    """
-
-    def __init__(self, monitor: Monitor) -> None:
-        super().__init__(name="corral-events", daemon=True)
-        self.monitor = monitor
-        self._listeners: dict[int, Callable[[ev.Event], None]] = {}
-        self._lock = threading.Lock()
-        self._idle = threading.Condition()
-        self._reads = 0
-
-    def add(self, sandbox_id: int, listener: Callable[[ev.Event], None]) -> None:
-        with self._lock:
-            self._listeners[sandbox_id] = listener
-
-    def remove(self, sandbox_id: int) -> None:
-        with self._lock:
-            self._listeners.pop(sandbox_id, None)
-
-    def run(self) -> None:
-        while True:
-            try:
-                batch = self.monitor.read(timeout=0.05)
-            except (OSError, ValueError):
-                return  # the monitor was closed under us: nothing more to deliver
-            with self._lock:
-                listeners = dict(self._listeners)
-            for event in batch:
-                listener = listeners.get(event.sandbox_id)
-                if listener is not None:
-                    listener(event)
-            with self._idle:
-                self._reads += 1
-                self._idle.notify_all()
-
-    def flush(self, timeout: float = 1.0) -> None:
-        """Wait until everything the kernel has written so far was delivered."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            target = self._reads + 2  # the read in flight may predate the caller's events
-            while self._reads < target and self.is_alive() and time.monotonic() < deadline:
-                self.monitor.sensor.ring.wake()
-                self._idle.wait(0.01)
-
-
-_pumps: dict[int, _EventPump] = {}
+_pipelines: dict[int, Pipeline] = {}
 _shared: dict[str, Any] = {}
 _shared_lock = threading.Lock()
 
@@ -128,14 +82,18 @@ def _shared_guard() -> EgressGuard:
         return guard
 
 
-def _pump_for(monitor: Monitor) -> _EventPump:
+def _pipeline_for(monitor: Monitor, rule_paths: tuple[Path, ...]) -> Pipeline:
+    """The pipeline reading this monitor; rules are loaded once per pipeline."""
     with _shared_lock:
-        pump = _pumps.get(id(monitor))
-        if pump is None or not pump.is_alive():
-            pump = _EventPump(monitor)
-            _pumps[id(monitor)] = pump
-            pump.start()
-        return pump
+        pipeline = _pipelines.get(id(monitor))
+        if pipeline is None or not pipeline.is_alive():
+            pipeline = Pipeline(monitor, rule_paths=rule_paths)
+            _pipelines[id(monitor)] = pipeline
+            pipeline.start()
+        elif rule_paths and tuple(pipeline.engine.rule_paths) != rule_paths:
+            raise CorralError("rules are loaded once per process (per Monitor): every Sandbox sharing it "
+                              "must name the same rule files")
+        return pipeline
 
 
 def reap_stale() -> list[str]:
@@ -173,7 +131,9 @@ class Sandbox:
                  cpus: float | None = None, memory: int | str | None = None, pids: int | None = None,
                  monitor: Monitor | None = None, events_path: str | Path | None = None,
                  episode: str | None = None, dns_upstream: tuple[str, int] | None = None,
-                 env: Mapping[str, str] | None = None, host_uid: int = 65534, host_gid: int = 65534) -> None:
+                 env: Mapping[str, str] | None = None, host_uid: int = 65534, host_gid: int = 65534,
+                 alerts_path: str | Path | None = None, rules: Sequence[str | Path] = (),
+                 on_alert: Callable[[Alert], None] | None = None) -> None:
         base = policy if isinstance(policy, Policy) else load_policy(policy)
         memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
         self.policy = base.merged(allow=tuple(allow), allow_domains=tuple(allow_domains), mode=mode, cpus=cpus,
@@ -182,7 +142,11 @@ class Sandbox:
         self.id = secrets.randbelow(2**31 - 2) + 1
         self.episode = episode
         self.events: list[ev.Event] = []
+        self.alerts: list[Alert] = []
         self.questions: list[Question] = []
+        self._alerts_path = Path(alerts_path) if alerts_path else None
+        self._rule_paths = tuple(Path(r) for r in rules)
+        self._alert_hook = on_alert
         self._netns_name = netns
         self._workdir = Path(workdir).resolve() if workdir else None
         self._monitor = monitor
@@ -195,6 +159,7 @@ class Sandbox:
         self._stack = contextlib.ExitStack()
         self._lock = threading.Lock()
         self._events_file: IO[str] | None = None
+        self._alerts_file: IO[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -230,6 +195,9 @@ class Sandbox:
         if self._events_path is not None:
             self._events_file = open(self._events_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
             stack.callback(self._events_file.close)
+        if self._alerts_path is not None:
+            self._alerts_file = open(self._alerts_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            stack.callback(self._alerts_file.close)
 
         self.cgroup = cgroups.SandboxCgroup(self.name, cgroups.Limits(
             cpus=self.policy.cpus, memory_bytes=self.policy.memory_bytes, pids=self.policy.pids))
@@ -252,9 +220,10 @@ class Sandbox:
         for text in ("127.0.0.0/8", "::1/128", *self.policy.allow):
             self.guard.allow(self.id, Rule.parse(text))
 
-        pump = _pump_for(self.monitor)
-        pump.add(self.id, self._on_event)
-        stack.callback(pump.remove, self.id)
+        self.pipeline = _pipeline_for(self.monitor, self._rule_paths)
+        self.pipeline.engine.context.add_sandbox(self.id, self.name, self.policy.mode, self.episode)
+        self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert)
+        stack.callback(self.pipeline.remove_sandbox, self.id)
 
         resolv_conf = None
         if self.policy.allow_domains:
@@ -269,6 +238,7 @@ class Sandbox:
         canary_mod.save(self.canaries, self.state_dir / "canaries.json")
         for canary in self.canaries:
             self.monitor.watch_file(canary.path)
+            self.pipeline.engine.context.add_canary(canary.path, canary.kind)
             stack.callback(self.monitor.sensor.unwatch_file, canary.path)
         self._start_holder()
 
@@ -286,8 +256,8 @@ class Sandbox:
     def _start_holder(self) -> None:
         """The process that holds the namespaces for every step, in step cgroup 0."""
         holder_cg = self.cgroup.new_step(0)
-        self.monitor.watch_cgroup(holder_cg.id, self.id, 0)
-        self._stack.callback(self.monitor.unwatch_cgroup, holder_cg.id)
+        self.pipeline.watch(holder_cg.id, self.id, 0, infrastructure=True)
+        self._stack.callback(self.pipeline.unwatch, holder_cg.id)
         self.guard.bind_cgroup(holder_cg.id, self.id)
         argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"], self._env)
         holder = subprocess.Popen(argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
@@ -302,7 +272,7 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 self.cgroup.kill_all()
             with contextlib.suppress(Exception):
-                _pump_for(self.monitor).flush()
+                self.pipeline.flush()
         self._stack.close()
 
     # -- steps ---------------------------------------------------------------
@@ -321,8 +291,9 @@ class Sandbox:
             self._step = step if step is not None else self._step + 1
             number = self._step
         step_cg = self.cgroup.new_step(number)
-        self.monitor.watch_cgroup(step_cg.id, self.id, number)
-        self._stack.callback(self.monitor.unwatch_cgroup, step_cg.id)
+        self.pipeline.engine.context.add_step(self.id, number, " ".join(argv))
+        self.pipeline.watch(step_cg.id, self.id, number)
+        self._stack.callback(self.pipeline.unwatch, step_cg.id)
         self.guard.bind_cgroup(step_cg.id, self.id)
         full = fs.enter_argv(self._holder_pid, argv, self._env)
         pipe = subprocess.PIPE if capture else None
@@ -341,11 +312,12 @@ class Sandbox:
             _end(proc)
             raise
         code = proc.returncode
+        self.pipeline.step_ended(self.id, number)
         return Result(code if code >= 0 else 128 - code, out or "", err or "", number)
 
     def flush_events(self) -> None:
-        """Wait until the events of what has run so far were delivered to self.events."""
-        _pump_for(self.monitor).flush()
+        """Wait until the events (and alerts) of what has run so far were delivered."""
+        self.pipeline.flush()
 
     # -- what the sandbox did ------------------------------------------------
 
@@ -358,14 +330,23 @@ class Sandbox:
                 record["episode"] = self.episode
             self._events_file.write(json.dumps(record) + "\n")
 
+    def _on_alert(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+        if self._alerts_file is not None:
+            self._alerts_file.write(json.dumps(alert.to_dict()) + "\n")
+        if self._alert_hook is not None:
+            self._alert_hook(alert)
+
     def _on_question(self, q: Question) -> None:
+        """Every question to corral's resolver: a `dns` event, through detection."""
         self.questions.append(q)
-        if self._events_file is not None:
-            self._events_file.write(json.dumps({
-                "kind": "dns", "time": ev.rfc3339(q.time_ns), "sandbox": self.name, "sandbox_id": q.sandbox_id,
-                "name": q.name, "qtype": q.qtype, "allowed": q.allowed, "answers": list(q.answers),
-                "rcode": q.rcode, "client": q.client, **({"episode": self.episode} if self.episode else {}),
-            }) + "\n")
+        if q.allowed:
+            for address in q.answers:
+                self.pipeline.engine.context.add_domain(q.sandbox_id, address, q.name, max(q.ttl, 1))
+        self.pipeline.submit(ev.DerivedEvent.make(
+            "dns", ts_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME), sandbox_id=q.sandbox_id, step_id=self._step,
+            name=q.name, qtype=q.qtype, allowed=q.allowed, answers=list(q.answers), rcode=q.rcode,
+            client=q.client, rate_limited=q.rate_limited))
 
     def _on_admit(self, sandbox_id: int, address: str, ttl: int) -> None:
         rule = Rule.parse(address)

@@ -1,0 +1,190 @@
+"""The one thread that moves data through corral's stages, in one direction:
+
+    sensor (kernel events) + flow sniffer (first bytes of flows) + queued
+    events from other threads (DNS questions)
+      -> enrich (the Monitor's process table)
+      -> detect (detectors and rules: Engine)
+      -> the sandbox each event belongs to: its events, its alerts (and what
+         respond does about them, through the sandbox's alert handler)
+
+Every sandbox of a process shares one Pipeline (and one Monitor): the kernel
+side is loaded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral import events as ev
+from corral.detect.engine import Alert, Engine
+from corral.detect.flows import FlowJoiner, FlowRecord, FlowSniffer, to_event
+from corral.monitor import Monitor
+
+#: How often time-based detectors run.
+TICK_S = 0.5
+#: How long a flow whose process is not known yet (its accept not read yet) waits.
+FLOW_JOIN_WAIT_S = 0.1
+#: What corral itself runs in a step's cgroup before the step's command (fs.enter_argv).
+LAUNCHER_EXES = frozenset({"/usr/bin/setpriv", "/usr/bin/nsenter", "/usr/bin/setsid", "/usr/bin/env"})
+
+
+@dataclass
+class _Listener:
+    on_event: Callable[[ev.Event], None]
+    on_alert: Callable[[Alert], None]
+
+
+class Pipeline(threading.Thread):
+    def __init__(self, monitor: Monitor, *, rule_paths: Sequence[Path] = (), sniff_flows: bool = True) -> None:
+        super().__init__(name="corral-pipeline", daemon=True)
+        self.monitor = monitor
+        self.engine = Engine(ancestors=monitor.ancestors, rule_paths=rule_paths)
+        self.flows = FlowSniffer() if sniff_flows else None
+        self._joiner = FlowJoiner()
+        self._scopes: dict[int, tuple[int, int]] = {}  # cgroup id -> (sandbox id, step)
+        self._launching: dict[int, bool] = {}  # cgroup id -> forever (the holder's)
+        self._listeners: dict[int, _Listener] = {}
+        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[ev.Event | tuple[int, int]] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._rounds = 0
+        self._held: list[tuple[float, FlowRecord]] = []
+        self._next_tick = 0.0
+
+    # -- called from other threads -------------------------------------------
+
+    def add_sandbox(self, sandbox_id: int, listener_event: Callable[[ev.Event], None],
+                    listener_alert: Callable[[Alert], None]) -> None:
+        with self._lock:
+            self._listeners[sandbox_id] = _Listener(listener_event, listener_alert)
+
+    def remove_sandbox(self, sandbox_id: int) -> None:
+        """Report what was folded for it, then forget it."""
+        self.flush()
+        with self._lock:
+            listener = self._listeners.pop(sandbox_id, None)
+            self._scopes = {c: s for c, s in self._scopes.items() if s[0] != sandbox_id}
+        if listener is not None:
+            for alert in self.engine.flush_folds(sandbox_id=sandbox_id):
+                listener.on_alert(alert)
+        self.engine.context.remove_sandbox(sandbox_id)
+
+    def watch(self, cgroup_id: int, sandbox_id: int, step: int, *, infrastructure: bool = False) -> None:
+        """Report what processes in this cgroup do, as this sandbox's step.
+
+        Until the first exec of something other than corral's launcher
+        (LAUNCHER_EXES), the cgroup's events are corral's own and are not
+        reported; an `infrastructure` cgroup (the namespace holder) never is.
+        """
+        with self._lock:
+            self._scopes[cgroup_id] = (sandbox_id, step)
+            self._launching[cgroup_id] = infrastructure
+        self.monitor.watch_cgroup(cgroup_id, sandbox_id, step)
+
+    def unwatch(self, cgroup_id: int) -> None:
+        self.monitor.unwatch_cgroup(cgroup_id)
+        with self._lock:
+            self._launching.pop(cgroup_id, None)
+        self._joiner.forget_cgroup(cgroup_id)
+
+    def submit(self, event: ev.Event) -> None:
+        """An event made elsewhere (a DNS question), to go through detection."""
+        self._inbox.put(event)
+        self.monitor.sensor.ring.wake()
+
+    def step_ended(self, sandbox_id: int, step: int) -> None:
+        self._inbox.put((sandbox_id, step))
+        self.monitor.sensor.ring.wake()
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Wait until everything the kernel has written so far went through."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            target = self._rounds + 2  # the round in flight may predate the caller's events
+            while self._rounds < target and self.is_alive() and time.monotonic() < deadline:
+                self.monitor.sensor.ring.wake()
+                self._idle.wait(0.01)
+
+    # -- the pipeline thread -----------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            try:
+                self._round()
+            except (OSError, ValueError):
+                return  # the monitor was closed under us: nothing more to deliver
+            with self._idle:
+                self._rounds += 1
+                self._idle.notify_all()
+
+    def _round(self) -> None:
+        # Flows first, then the sensor: every connect/accept that a flow follows
+        # is then in the sensor batch, ready to name the flow's process.
+        records = self.flows.read() if self.flows is not None else []
+        batch = self.monitor.read(timeout=0.05)
+        with self._lock:
+            listeners = dict(self._listeners)
+        for event in batch:
+            if isinstance(event, ev.NetEvent):
+                self._joiner.observe(event)
+            self._handle(event, listeners)
+        self._handle_flows(records, listeners)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, tuple):
+                    self.engine.step_ended(*item)
+                else:
+                    self._handle(item, listeners)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_S
+            for alert in self.engine.tick():
+                self._deliver_alert(alert, listeners)
+
+    def _handle_flows(self, records: list[FlowRecord], listeners: dict[int, _Listener]) -> None:
+        now = time.monotonic()
+        waiting = self._held + [(now, r) for r in records]
+        self._held = []
+        for since, record in waiting:
+            source = self._joiner.match(record)
+            if source is None and now - since < FLOW_JOIN_WAIT_S:
+                self._held.append((since, record))  # its accept() may not be read yet
+                continue
+            scope = self._scopes.get(record.cgroup_id)
+            if scope is None and source is None:
+                continue  # another corral process's sandbox: the attachment sees all of corral/
+            self._handle(to_event(record, scopes=self._scopes, source=source), listeners)
+
+    def _handle(self, event: ev.Event, listeners: dict[int, _Listener]) -> None:
+        listener = listeners.get(event.sandbox_id)
+        if listener is None or self._corral_own(event):
+            return
+        listener.on_event(event)
+        for alert in self.engine.process(event):
+            self._deliver_alert(alert, listeners)
+
+    def _corral_own(self, event: ev.Event) -> bool:
+        """Is this event corral's own launcher at work (not the sandbox's)?"""
+        forever = self._launching.get(event.cgroup_id)
+        if forever is None:
+            return False
+        if forever:
+            return True
+        if isinstance(event, ev.ExecEvent) and event.filename not in LAUNCHER_EXES:
+            with self._lock:
+                self._launching.pop(event.cgroup_id, None)  # the step's command: from here on, the agent's
+            return False
+        return True
+
+    @staticmethod
+    def _deliver_alert(alert: Alert, listeners: dict[int, _Listener]) -> None:
+        listener = listeners.get(alert.sandbox_id)
+        if listener is not None:
+            listener.on_alert(alert)
