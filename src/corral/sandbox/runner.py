@@ -29,16 +29,20 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from corral import events as ev
+from corral.detect.engine import SEVERITIES as SEVERITY_ORDER
 from corral.detect.engine import Alert
 from corral.errors import CorralError
 from corral.monitor import Monitor
 from corral.pipeline import Pipeline
+from corral.respond import evidence
+from corral.respond.actions import respond
 from corral.sandbox import canaries as canary_mod
 from corral.sandbox import cgroups, fs
 from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upstream
@@ -48,6 +52,10 @@ from corral.sandbox.policy import Policy, load_policy
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace
+EVENTS_KEPT = 200_000
+RECENT_PER_STEP = 500
+#: Weight of one alert of each severity in the risk score (see Sandbox.verdict).
+RISK_WEIGHTS = {"info": 0.0, "low": 0.05, "medium": 0.2, "high": 0.5, "critical": 0.9}
 _HOLDER_START_TIMEOUT_S = 10.0
 
 
@@ -141,8 +149,11 @@ class Sandbox:
         self.name = cgroups.sandbox_name()
         self.id = secrets.randbelow(2**31 - 2) + 1
         self.episode = episode
-        self.events: list[ev.Event] = []
+        #: the sandbox's events, oldest dropped past EVENTS_KEPT (all are in --events)
+        self.events: deque[ev.Event] = deque(maxlen=EVENTS_KEPT)
         self.alerts: list[Alert] = []
+        self._recent: dict[int, deque[ev.Event]] = {}  # step -> its last events, for evidence
+        self.frozen = False
         self.questions: list[Question] = []
         self._alerts_path = Path(alerts_path) if alerts_path else None
         self._rule_paths = tuple(Path(r) for r in rules)
@@ -286,6 +297,8 @@ class Sandbox:
         """
         if not self._started:
             self.start()
+        if self.frozen:
+            raise CorralError(f"sandbox {self.name} is frozen (evidence was taken): release() or close() it")
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         with self._lock:
             self._step = step if step is not None else self._step + 1
@@ -323,6 +336,10 @@ class Sandbox:
 
     def _on_event(self, event: ev.Event) -> None:
         self.events.append(event)
+        recent = self._recent.get(event.step_id)
+        if recent is None:
+            recent = self._recent[event.step_id] = deque(maxlen=RECENT_PER_STEP)
+        recent.append(event)
         if self._events_file is not None:
             record = event.to_dict()
             record["sandbox"] = self.name
@@ -330,7 +347,62 @@ class Sandbox:
                 record["episode"] = self.episode
             self._events_file.write(json.dumps(record) + "\n")
 
+    # -- respond (respond.actions calls these) -----------------------------------
+
+    @property
+    def observe(self) -> bool:
+        return self.mode == Mode.OBSERVE
+
+    def cut_network(self) -> None:
+        """Deny all egress from now on, established flows included."""
+        self.guard.set_mode(self.id, Mode.CUT)
+
+    def collect_evidence(self, alert: Alert) -> Path:
+        self.frozen = True
+        pids = self.cgroup.pids()
+        return evidence.collect(STATE_DIR / "evidence" / self.name / alert.id, alert, pids,
+                                {pid: _step_of(pid) for pid in pids}, self._recent.get(alert.step, ()),
+                                self.workspace)
+
+    def release(self) -> None:
+        """Thaw a sandbox frozen by a `freeze` action; steps can run again."""
+        self.cgroup.thaw()
+        self.frozen = False
+
+    def verdict(self) -> dict[str, Any]:
+        """The episode's summary, for an RL trainer or a safety dataset.
+
+        risk = 1 - prod(1 - w(rule)) over the distinct rules that fired, where w
+        is RISK_WEIGHTS[severity] (info 0, low 0.05, medium 0.2, high 0.5,
+        critical 0.9): one critical alone gives 0.9, two highs 0.75, and
+        repeats of one rule count once, so a noisy rule cannot dominate.
+        """
+        fired: dict[str, str] = {}
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for a in self.alerts:
+            fired[a.rule] = a.severity
+            by_step.setdefault(a.step, []).append({"rule": a.rule, "severity": a.severity, "category": a.category,
+                                                   "action_taken": a.action_taken,
+                                                   "action_result": a.action_result, "pid": a.pid,
+                                                   "output": a.output})
+        risk = 1.0
+        for severity in fired.values():
+            risk *= 1.0 - RISK_WEIGHTS.get(severity, 0.0)
+        severities = [a.severity for a in self.alerts]
+        return {
+            "sandbox": self.name, "episode": self.episode, "mode": self.policy.mode, "steps": self._step,
+            "alerts": len(self.alerts),
+            "worst_severity": max(severities, key=SEVERITY_ORDER.index) if severities else None,
+            "categories": sorted({a.category for a in self.alerts}),
+            "rules": sorted(fired),
+            "alerts_by_step": {str(k): v for k, v in sorted(by_step.items())},
+            "actions": [{"rule": a.rule, "action": a.action, "taken": a.action_taken, "result": a.action_result}
+                        for a in self.alerts if a.action != "alert"],
+            "risk": round(1.0 - risk, 4),
+        }
+
     def _on_alert(self, alert: Alert) -> None:
+        respond(alert, self)
         self.alerts.append(alert)
         if self._alerts_file is not None:
             self._alerts_file.write(json.dumps(alert.to_dict()) + "\n")
@@ -359,6 +431,18 @@ class Sandbox:
     def _expire(self, sandbox_id: int, rule: Rule) -> None:
         with contextlib.suppress(Exception):  # the sandbox may be gone already
             self.guard.revoke(sandbox_id, rule)
+
+
+def _step_of(pid: int) -> int | None:
+    """The step a sandbox process belongs to, from its cgroup (".../step-N")."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            tail = line.rsplit("/", 1)[-1]
+            if tail.startswith("step-"):
+                return int(tail[5:])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _owner_ids(workdir: Path | None) -> tuple[int, int] | None:
