@@ -188,10 +188,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with sandbox:
             result = sandbox.exec(argv, capture=False)
-            return result.exit_code
+            sandbox.flush_events()
+            code = result.exit_code
     except KeyboardInterrupt:
         print("corral: interrupted; the sandbox and everything in it were removed", file=sys.stderr)
-        return 130
+        code = 130
+    if args.verdict:
+        verdict = sandbox.verdict()
+        Path(args.verdict).write_text(json.dumps(verdict, indent=2) + "\n")
+        if verdict["alerts"]:
+            print(f"corral: verdict: risk {verdict['risk']}, worst {verdict['worst_severity']}, "
+                  f"{verdict['alerts']} alert(s) in {', '.join(verdict['categories'])} -> {args.verdict}",
+                  file=sys.stderr)
+    return code
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -270,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pids", type=int, metavar="N", help="limit on processes and threads")
     run.add_argument("--rules", action="append", default=[], metavar="PATH",
                      help="a rule file (or directory of them) loaded after the built-in rules; repeatable")
+    run.add_argument("--verdict", metavar="PATH", help="write the episode verdict here as JSON (worst severity, "
+                     "categories, alerts by step, actions, risk score in [0, 1])")
     run.add_argument("--episode", metavar="LABEL", help="label events with this episode (e.g. an RL rollout id)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_run)
