@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from corral import events as ev
+from corral.detect.engine import Alert
 from corral.errors import CorralError
 from corral.monitor import Monitor
 from corral.rules.cli import add_rules_parser
@@ -181,10 +182,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.alerts).touch()  # alerts are appended here as they happen
     # SIGTERM is a request to stop: clean up as for Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
+    from corral.respond.sinks import make_sink
+    from corral.sandbox.runner import STATE_DIR
+
+    sinks = [make_sink(spec, STATE_DIR) for spec in args.sink]
+
+    def on_alert(alert: Alert) -> None:
+        print(alert.line(), file=sys.stderr, flush=True)
+        record = alert.to_dict()
+        for sink in sinks:
+            sink.send(record)  # durable before it returns (webhooks queue on disk)
+
     sandbox = Sandbox(args.policy, mode=args.mode, netns=args.netns, workdir=args.workdir, allow=args.allow,
                       allow_domains=args.allow_domain, cpus=args.cpus, memory=args.memory, pids=args.pids,
                       events_path=args.events, alerts_path=args.alerts, episode=args.episode, rules=args.rules,
-                      on_alert=lambda alert: print(alert.line(), file=sys.stderr, flush=True))
+                      on_alert=on_alert)
     try:
         with sandbox:
             result = sandbox.exec(argv, capture=False)
@@ -193,6 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("corral: interrupted; the sandbox and everything in it were removed", file=sys.stderr)
         code = 130
+    for sink in sinks:
+        sink.close()  # a webhook gets a few seconds to deliver; the rest stays queued for the next run
     if args.verdict:
         verdict = sandbox.verdict()
         Path(args.verdict).write_text(json.dumps(verdict, indent=2) + "\n")
@@ -266,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--netns", metavar="NAME", help="run in this existing network namespace (ip netns list) "
                      "instead of a new one; egress rules still apply")
     run.add_argument("--alerts", metavar="PATH", help="append alerts here as JSON lines")
+    run.add_argument("--sink", action="append", default=[], metavar="SPEC",
+                     help="also deliver alerts here: jsonl:PATH, stdout, stdout:line, webhook:URL, slack:URL, "
+                          "falco:URL (webhooks retry from a queue on disk: nothing is lost); repeatable")
     run.add_argument("--events", metavar="PATH", help="append every event here as JSON lines")
     run.add_argument("--workdir", metavar="DIR", help="host directory mounted read-write at /workspace "
                      "(default: a fresh one, removed at the end); it is chowned to the sandbox user")
