@@ -3,13 +3,15 @@
  * corral's egress guard: default-deny network egress per sandbox, decided in
  * the kernel before a packet leaves.  connect() (TCP, and UDP connect) and
  * unconnected UDP sendmsg() are refused with EPERM when the destination is
- * outside the sandbox's allow list.
+ * outside the sandbox's allow list.  A sandbox in CUT mode also loses the
+ * flows it already has: cgroup_skb programs drop every packet of its sockets,
+ * both ways.
  *
  * The programs are attached once to <cgroup v2 root>/corral and run for
  * every cgroup below it; a cgroup that belongs to no sandbox is always
  * allowed (several corral processes may attach their own copy at once, and
- * each must leave the others' cgroups alone).  Only cgroup sock_addr hooks
- * are used: kprobes, fentry and LSM programs are not available everywhere.
+ * each must leave the others' cgroups alone).  Only cgroup sock_addr and skb
+ * hooks are used: kprobes, fentry and LSM programs are not available everywhere.
  *
  * Map layouts are in egress.h, mirrored by src/corral/sandbox/egress.py.
  */
@@ -87,26 +89,34 @@ struct egress_key6 *btf_egress_key6 __attribute__((unused));
 struct egress_counters *btf_egress_counters __attribute__((unused));
 
 /*
- * The sandbox the current task belongs to, or NULL.  Its own cgroup is the
- * common case; otherwise the nearest bound ancestor, so that a process which
- * moves itself into a child cgroup it made cannot leave the sandbox's policy.
+ * The sandbox of the current task (skb == NULL) or of the socket that owns
+ * skb, or NULL.  Its own cgroup is the common case; otherwise the nearest
+ * bound ancestor, so that a process which moves itself into a child cgroup it
+ * made cannot leave the sandbox's policy.  A socket belongs to the cgroup of
+ * the task that made it.  (Always inlined with a constant skb: each program
+ * keeps only the helpers of its own kind.)
  */
-static __always_inline const __u32 *current_sandbox(void)
+static __always_inline const __u32 *find_sandbox(struct __sk_buff *skb)
 {
-	__u64 id = bpf_get_current_cgroup_id();
+	__u64 id = skb ? bpf_skb_cgroup_id(skb) : bpf_get_current_cgroup_id();
 	const __u32 *sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
 
 	if (sandbox)
 		return sandbox;
 	for (int level = MAX_CGROUP_LEVEL; level > 0; level--) {
-		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (!id)  /* deeper than the task's own cgroup */
+		id = skb ? bpf_skb_ancestor_cgroup_id(skb, level) : bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)  /* deeper than the cgroup itself */
 			continue;
 		sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
 		if (sandbox)
 			return sandbox;
 	}
 	return NULL;
+}
+
+static __always_inline const __u32 *current_sandbox(void)
+{
+	return find_sandbox(NULL);
 }
 
 /* Is (addr, port) in the trie for this sandbox, with this port or any port? */
@@ -239,4 +249,36 @@ SEC("cgroup/sendmsg6")
 int egress_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return check6(ctx);
+}
+
+/*
+ * Every packet of a socket in a CUT sandbox is dropped, both ways, which ends
+ * flows that were established before the cut (connect4/6 and sendmsg4/6 only
+ * see new ones).  A dropped TCP segment is retransmitted and dropped again,
+ * so the flow stalls until its retries run out or the process gives up.
+ * Per packet: the cgroup lookup and the mode lookup (more only for a cgroup
+ * bound through an ancestor, or not bound at all).  Nothing is counted here:
+ * the counters are per decision, not per packet.
+ */
+static __always_inline int skb_verdict(struct __sk_buff *skb)
+{
+	const __u32 *sandbox = find_sandbox(skb);
+	const __u32 *mode;
+
+	if (!sandbox)
+		return ALLOW;
+	mode = bpf_map_lookup_elem(&sandbox_mode, sandbox);
+	return mode && *mode == EGRESS_CUT ? DENY : ALLOW;
+}
+
+SEC("cgroup_skb/egress")
+int egress_skb_out(struct __sk_buff *skb)
+{
+	return skb_verdict(skb);
+}
+
+SEC("cgroup_skb/ingress")
+int egress_skb_in(struct __sk_buff *skb)
+{
+	return skb_verdict(skb);
 }

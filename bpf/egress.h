@@ -9,7 +9,7 @@
 enum egress_mode {
 	EGRESS_OBSERVE = 0,  /* allow everything, count what enforce would deny */
 	EGRESS_ENFORCE = 1,  /* deny what the allow list does not admit */
-	EGRESS_CUT = 2,      /* deny everything, allowed or not */
+	EGRESS_CUT = 2,      /* deny everything, allowed or not; drop established flows */
 };
 
 /*

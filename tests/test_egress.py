@@ -9,8 +9,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import select
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +37,70 @@ needs_guard = pytest.mark.skipif(not egress.object_path().exists(),
 
 _ids = itertools.count(1)
 Sandbox = tuple[int, list[str]]  # (sandbox id, cgroup.procs files to run a client in)
+
+# One TCP peer on 198.51.100.10 for a long-lived flow: prints "ready PORT", then
+# "got WORD" for each line received and answers "echo WORD" -- except "later",
+# answered with "late" a second afterwards (time to cut the sandbox meanwhile).
+FLOW_SERVER_PY = r"""
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.51.100.10", 0))
+s.listen(1)
+print("ready", s.getsockname()[1], flush=True)
+c, _ = s.accept()
+for line in c.makefile("rb"):
+    word = line.strip().decode()
+    print("got", word, flush=True)
+    if word == "later":
+        time.sleep(1)
+        c.sendall(b"late\n")
+    else:
+        c.sendall(b"echo " + line)
+"""
+
+# The client end, driven line by line on stdin: "send WORD" or "recv".
+# Answers "sent", "recv DATA", "TIMEOUT" or "ERR <errno>".
+FLOW_CLIENT_PY = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+s.settimeout(2.5)
+print("connected", flush=True)
+for cmd in sys.stdin:
+    verb, _, word = cmd.strip().partition(" ")
+    try:
+        if verb == "send":
+            s.sendall(word.encode() + b"\n")
+            print("sent", flush=True)
+        else:
+            print("recv", s.recv(64).decode().strip(), flush=True)
+    except socket.timeout:
+        print("TIMEOUT", flush=True)
+    except OSError as e:
+        print("ERR", e.errno, flush=True)
+"""
+
+
+class LineReader:
+    """Lines from a child's stdout, read from the raw fd, each waited for with a timeout."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._fd = proc.stdout.fileno()
+        self._buf = b""
+
+    def line(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self._fd, 4096)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
 
 
 # -- rules (no kernel needed) ------------------------------------------------
@@ -181,6 +248,53 @@ class TestGuard:
         assert net.attempt("udp", "198.51.100.10", 7070, procs) == EPERM
         guard.set_mode(sid, Mode.ENFORCE)
         assert net.attempt("tcp", "198.51.100.10", 8080, procs) == "OK"
+
+    def test_cut_stops_established_flows(self, net: TestNet, guard: EgressGuard, sandbox: Sandbox,
+                                          cgroup: ScratchCgroup) -> None:
+        sid, procs = sandbox
+        guard.allow(sid, Rule.parse("198.51.100.10"))
+        server = net.start_server(net.server, [sys.executable, "-c", FLOW_SERVER_PY])
+        seen = LineReader(server)
+        ready = (seen.line(10) or "").split()
+        assert ready[:1] == ["ready"]
+        # In the sandbox's cgroup (joined before exec: its socket is born there) and the
+        # client namespace.  `ip netns exec` execs the client: the PID is its own.
+        client = subprocess.Popen(["ip", "netns", "exec", net.client, sys.executable, "-c", FLOW_CLIENT_PY,
+                                   "198.51.100.10", ready[1]], preexec_fn=lambda: cgroup.add(os.getpid()),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True)
+        said = LineReader(client)
+        assert client.stdin is not None
+
+        def tell(cmd: str) -> str | None:
+            assert client.stdin is not None
+            client.stdin.write(cmd + "\n")
+            client.stdin.flush()
+            return said.line(10)
+
+        try:
+            assert said.line(10) == "connected"
+            assert tell("send one") == "sent"
+            assert seen.line(5) == "got one"
+            assert tell("recv") == "recv echo one"  # ENFORCE: the allowed flow works
+
+            assert tell("send later") == "sent"
+            assert seen.line(5) == "got later"
+            guard.set_mode(sid, Mode.CUT)  # the server answers a second later: into the cut
+            assert tell("recv") == "TIMEOUT"  # ingress dropped
+            reply = tell("send two")  # queued in the socket (TCP retransmits into the cut), or fails
+            assert reply is not None and reply.split()[0] in ("sent", "TIMEOUT", "ERR")
+            assert seen.line(2.5) is None  # egress dropped: the server never sees "two"
+
+            guard.set_mode(sid, Mode.ENFORCE)
+            assert net.attempt("tcp", "198.51.100.10", 8080, procs) == "OK"  # a new flow works again
+        finally:
+            client.kill()  # by PID; the server goes with the lab
+            client.wait()
+            assert client.stdin is not None
+            client.stdin.close()
+            assert client.stdout is not None
+            client.stdout.close()
 
     def test_udp(self, net: TestNet, guard: EgressGuard, sandbox: Sandbox) -> None:
         sid, procs = sandbox

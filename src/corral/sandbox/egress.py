@@ -1,10 +1,12 @@
 """Default-deny network egress per sandbox, decided in the kernel.
 
 :class:`EgressGuard` loads ``bpf/egress.bpf.c`` (cgroup connect4/6 and
-sendmsg4/6 programs) and attaches it once to ``<cgroup v2 root>/corral``; every
-sandbox cgroup below it is then judged by its sandbox's mode and lists before
-a packet leaves.  A denied ``connect()`` or UDP ``sendto()`` fails with EPERM.
-Map layouts mirror ``bpf/egress.h``.
+sendmsg4/6 programs, and cgroup_skb egress/ingress) and attaches it once to
+``<cgroup v2 root>/corral``; every sandbox cgroup below it is then judged by
+its sandbox's mode and lists before a packet leaves.  A denied ``connect()`` or
+UDP ``sendto()`` fails with EPERM.  In ``Mode.CUT`` every packet of the
+sandbox's sockets is also dropped, both ways, so flows established before the
+cut stall too.  Map layouts mirror ``bpf/egress.h``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Mode(enum.IntEnum):
     OBSERVE = 0  # allow everything, count what ENFORCE would deny
     ENFORCE = 1  # deny what the allow list does not admit
-    CUT = 2      # deny everything, allowed or not
+    CUT = 2      # deny everything, allowed or not, and drop established flows
 
 
 class RuleError(CorralError, ValueError):
@@ -116,7 +118,8 @@ _KEY4_SIZE, _KEY6_SIZE = _KEY_ADDR_OFFSET + 4, _KEY_ADDR_OFFSET + 16
 _COUNTERS = struct.Struct("=QQQ")
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
-_PROGRAMS = {"cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4", "cgroup/sendmsg6"}
+_PROGRAMS = {"cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4", "cgroup/sendmsg6",
+             "cgroup_skb/egress", "cgroup_skb/ingress"}
 
 
 def _key(sandbox_id: int, rule: Rule) -> bytes:
@@ -256,7 +259,8 @@ class EgressGuard:
             self._sandbox_of.delete(_U64.pack(cgroup_id))
 
     def set_mode(self, sandbox_id: int, mode: Mode) -> None:
-        """Switch mode in one map update; ``Mode.CUT`` cuts the sandbox's network at once."""
+        """Switch mode in one map update; ``Mode.CUT`` cuts the sandbox's network at once,
+        established flows included (their packets are dropped until the mode changes back)."""
         with self._open(sandbox_id):
             self._mode.update(_U32.pack(sandbox_id), _U32.pack(Mode(mode)))
 
