@@ -29,8 +29,11 @@ _TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "0A": "LISTEN", "06": "TIM
 
 
 def collect(directory: Path, alert: Alert, pids: Sequence[int], step_of: dict[int, int | None],
-            recent: Iterable[ev.Event], workspace: Path) -> Path:
-    """Write the bundle of `alert` into `directory`; returns the bundle.json path."""
+            recent: Iterable[ev.Event], everything: Iterable[ev.Event], workspace: Path) -> Path:
+    """Write the bundle of `alert` into `directory`; returns the bundle.json path.
+
+    `recent` are the alert step's last events; `everything` the sandbox's, in
+    which executables run from writable places are looked for."""
     directory.mkdir(parents=True, exist_ok=True)
     recent = list(recent)
     bundle: dict[str, Any] = {
@@ -38,7 +41,7 @@ def collect(directory: Path, alert: Alert, pids: Sequence[int], step_of: dict[in
         "processes": [_process(pid, step_of.get(pid)) for pid in pids],
         "sockets": [s for pid in pids for s in _sockets(pid)],
         "recent_events": [e.to_dict() for e in recent],
-        "binaries": _copy_binaries(directory / "binaries", recent, pids),
+        "binaries": _copy_binaries(directory / "binaries", everything, pids),
         "workspace": _listing(workspace),
     }
     path = directory / "bundle.json"
@@ -103,12 +106,12 @@ def _endpoint(hex_addr: str) -> str:
     return f"{ip}:{int(port, 16)}"
 
 
-def _copy_binaries(directory: Path, recent: list[ev.Event], pids: Sequence[int]) -> list[dict[str, Any]]:
+def _copy_binaries(directory: Path, events: Iterable[ev.Event], pids: Sequence[int]) -> list[dict[str, Any]]:
     """Copies of executables run from writable places, read through a live
     process's view of the sandbox's filesystem (/proc/PID/root)."""
     out, done = [], set()
     roots = [f"/proc/{pid}/root" for pid in pids]
-    for event in recent:
+    for event in events:
         if not isinstance(event, ev.ExecEvent | ev.MemfdExecEvent):
             continue
         name = event.filename

@@ -21,6 +21,7 @@ watched and blamed on step 1.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -57,6 +58,11 @@ RECENT_PER_STEP = 500
 #: Weight of one alert of each severity in the risk score (see Sandbox.verdict).
 RISK_WEIGHTS = {"info": 0.0, "low": 0.05, "medium": 0.2, "high": 0.5, "critical": 0.9}
 _HOLDER_START_TIMEOUT_S = 10.0
+_STEP_POLL_S = 0.05
+
+
+class SandboxFrozen(CorralError):
+    """A step was stopped because a rule froze its sandbox."""
 
 
 @dataclass(frozen=True)
@@ -314,13 +320,26 @@ class Sandbox:
                                 stdin=subprocess.PIPE if input is not None else (None if not capture else
                                                                                   subprocess.DEVNULL),
                                 stdout=pipe, stderr=pipe)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            out, err = proc.communicate(input=input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in step_cg.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            out, err = proc.communicate()
+            while True:
+                # In short waits, so a freeze (a rule's action) or the step's
+                # timeout ends the wait even while processes hold the pipes.
+                try:
+                    out, err = proc.communicate(input=input, timeout=_STEP_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    input = None  # communicate() has sent it already
+                if self.frozen:
+                    raise SandboxFrozen(f"sandbox {self.name} was frozen during step {number} by a rule's "
+                                        "action; its evidence is taken: release() or close() it")
+                if deadline is not None and time.monotonic() > deadline:
+                    for pid in step_cg.pids():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    deadline = None
+        except SandboxFrozen:
+            raise
         except BaseException:
             _end(proc)
             raise
@@ -362,7 +381,7 @@ class Sandbox:
         pids = self.cgroup.pids()
         return evidence.collect(STATE_DIR / "evidence" / self.name / alert.id, alert, pids,
                                 {pid: _step_of(pid) for pid in pids}, self._recent.get(alert.step, ()),
-                                self.workspace)
+                                itertools.chain.from_iterable(self._recent.values()), self.workspace)
 
     def release(self) -> None:
         """Thaw a sandbox frozen by a `freeze` action; steps can run again."""
