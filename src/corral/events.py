@@ -277,6 +277,11 @@ class FileEvent(Event):
     def writable(self) -> bool:
         return bool(self.flags & 0o3) or bool(self.flags & 0o100)  # O_WRONLY|O_RDWR, O_CREAT
 
+    @property
+    def truncates(self) -> bool:
+        """Opened with O_TRUNC: whatever the file held is gone."""
+        return bool(self.flags & 0o1000) and self.writable
+
 
 class SysEvent(Event):
     """The generic record: four integers and up to three strings."""

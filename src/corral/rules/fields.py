@@ -343,6 +343,7 @@ _simple("file.path", FILE, lambda reg, kind: memo(lambda e: e.path or None))
 _simple("file.path2", FILE, lambda reg, kind: memo(lambda e: e.path2 or None))
 _simple("file.flags", frozenset({"open"}), lambda reg, kind: attrgetter("flags"))
 _simple("file.writable", frozenset({"open"}), lambda reg, kind: attrgetter("writable"))
+_simple("file.truncated", frozenset({"open"}), lambda reg, kind: attrgetter("truncates"))
 
 
 def _canary_kind(reg: FieldRegistry, kind: str) -> Getter:

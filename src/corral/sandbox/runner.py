@@ -40,7 +40,7 @@ from corral import events as ev
 from corral.detect.engine import SEVERITIES as SEVERITY_ORDER
 from corral.detect.engine import Alert
 from corral.errors import CorralError
-from corral.monitor import Monitor
+from corral.monitor import HOME_ENTRIES, Monitor
 from corral.pipeline import Pipeline
 from corral.respond import evidence
 from corral.respond.actions import respond
@@ -54,6 +54,8 @@ from corral.sandbox.policy import Policy, load_policy
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace
 EVENTS_KEPT = 200_000
+#: Under /workspace: where a repository's code runs on the next git command or import.
+WORKSPACE_ENTRIES = (".git/hooks/", ".git/config", "sitecustomize.py", "usercustomize.py")
 RECENT_PER_STEP = 500
 #: Weight of one alert of each severity in the risk score (see Sandbox.verdict).
 RISK_WEIGHTS = {"info": 0.0, "low": 0.05, "medium": 0.2, "high": 0.5, "critical": 0.9}
@@ -253,6 +255,12 @@ class Sandbox:
         fs.prepare_dirs(self.layout)
         self.canaries = canary_mod.plant(home, host_uid, host_gid)
         canary_mod.save(self.canaries, self.state_dir / "canaries.json")
+        # The sensor sees paths as the sandbox does: watch its own home and workspace
+        # places where persistence lives (the host's homes are watched by the Monitor).
+        for entry in HOME_ENTRIES:
+            self.monitor.watch_prefix(f"{fs.SANDBOX_HOME}/{entry}")
+        for entry in WORKSPACE_ENTRIES:
+            self.monitor.watch_prefix(f"{fs.WORKSPACE}/{entry}")
         for canary in self.canaries:
             self.monitor.watch_file(canary.path)
             self.pipeline.engine.context.add_canary(canary.path, canary.kind)
