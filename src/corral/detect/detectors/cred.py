@@ -59,15 +59,21 @@ class CredThenEgressDetector:
 
     kinds = frozenset((ev.OPEN, ev.CONNECT, ev.SEND, ev.FLOW))
 
-    def __init__(self, *, seconds: float = 120.0, max_steps: int = 1024, max_paths: int = 64) -> None:
+    def __init__(self, *, seconds: float = 120.0, before_s: float = 10.0, max_steps: int = 1024,
+                 max_paths: int = 64, max_senders: int = 4096) -> None:
         """
         seconds: how long after the read an egress still counts.
+        before_s: how long before the read an egress by the same process still counts: an
+            uploader connects first and reads what it sends after (curl -F file=@...).
         max_steps: steps remembered at once (least recently active forgotten first).
         max_paths: credential paths remembered per step, read and reported (oldest forgotten first).
+        max_senders: processes whose last egress is remembered.
         """
         self.window_ns = int(seconds * NS)
+        self.before_ns = int(before_s * NS)
         self.max_paths = max_paths
         self._steps: Lru[StepKey, _Step] = Lru(max_steps)
+        self._last_egress: Lru[tuple[int, int], tuple[int, tuple[str, int]]] = Lru(max_senders)
 
     def feed(self, event: ev.Event) -> list[ev.DerivedEvent]:
         t = event.type
@@ -75,20 +81,24 @@ class CredThenEgressDetector:
             if isinstance(event, ev.FileEvent) and event.result >= 0:
                 kind = credential_kind(event)
                 if kind is not None:
-                    reads = self._steps.touch(step_key(event), _Step).reads
+                    step = self._steps.touch(step_key(event), _Step)
+                    reads = step.reads
                     reads.pop(event.path, None)
                     reads[event.path] = (event.ts_ns, kind)
                     if len(reads) > self.max_paths:
                         del reads[next(iter(reads))]
-            return []
-        if not self._steps:
-            return []  # nothing read: the common case for every connect and send
-        step = self._steps.get(step_key(event))
-        if step is None:
+                    return self._sent_before(event, step, kind)
             return []
         dest = self._egress(event)
         if dest is None:
             return []
+        self._last_egress.put((event.sandbox_id, event.pid), (event.ts_ns, dest))
+        if not self._steps:
+            return []  # nothing read: the common case for every connect and send
+        current = self._steps.get(step_key(event))
+        if current is None:
+            return []
+        step = current
         out: list[ev.DerivedEvent] = []
         for path, (ts, kind) in list(step.reads.items()):
             age = event.ts_ns - ts
@@ -101,6 +111,21 @@ class CredThenEgressDetector:
                 out.append(ev.DerivedEvent.about("cred_then_egress", event, path=path, kind=kind,
                                                  seconds=round(age / NS, 3), dip=dest[0], dport=dest[1]))
         return out
+
+    def _sent_before(self, event: ev.FileEvent, step: _Step, kind: str) -> list[ev.DerivedEvent]:
+        """The reading process already sent out (seconds before): conclude now."""
+        last = self._last_egress.get((event.sandbox_id, event.pid))
+        if last is None or event.path in step.reported:
+            return []
+        ts, dest = last
+        age = event.ts_ns - ts
+        if not 0 <= age <= self.before_ns:
+            return []
+        step.reported[event.path] = None
+        if len(step.reported) > self.max_paths:
+            del step.reported[next(iter(step.reported))]
+        return [ev.DerivedEvent.about("cred_then_egress", event, path=event.path, kind=kind,
+                                      seconds=-round(age / NS, 3), dip=dest[0], dport=dest[1])]
 
     @staticmethod
     def _egress(event: ev.Event) -> tuple[str, int] | None:
