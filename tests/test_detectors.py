@@ -348,10 +348,12 @@ def test_credential_path_egress_order_loopback_and_window(watched: Callable[...,
     (hit,) = w.run(CredThenEgressDetector(before_s=0), [PY, "-c", code], lab.client)
     assert hit.data["path"] == f"{aws}/credentials" and hit.data["kind"] == "credential"
     assert 0.5 <= hit.data["seconds"] < 5
-    assert [x for e in w.events for x in CredThenEgressDetector(seconds=0.3, before_s=0).feed(e)] == []  # too late
+    late = CredThenEgressDetector(seconds=0.3, before_s=0)
+    assert [x for e in w.events for x in late.feed(e)] == []  # too late
     # by default the same process's egress just before the read counts too (an uploader
     # connects, then reads what it sends): concluded at the read, with negative seconds
-    (early,) = [x for e in w.events for x in CredThenEgressDetector().feed(e)]
+    default = CredThenEgressDetector()
+    (early,) = [x for e in w.events for x in default.feed(e)]
     assert early.data["path"] == f"{aws}/credentials" and -5 < early.data["seconds"] <= 0
 
 
