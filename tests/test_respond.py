@@ -196,3 +196,32 @@ def test_verdict_risk_formula(monitor: Monitor) -> None:
     assert v["rules"] == ["Test kill marker"] and v["alerts"] == 3
     assert v["risk"] == 0.2 and v["worst_severity"] == "medium"
     assert sorted(v["alerts_by_step"]) == ["1", "2", "3"]
+
+
+def test_miner_on_the_deny_list_never_runs() -> None:
+    with Sandbox() as sb:
+        miner = sb.workspace / "xmrig"
+        miner.write_text("#!/bin/sh\ntouch /workspace/MARKER\n")  # its first action would leave a mark
+        miner.chmod(0o755)
+        result = sb.exec(["/workspace/xmrig", "--donate-level", "1"])
+        renamed = sb.exec(["sh", "-c", "cp /workspace/xmrig /tmp/helper && /tmp/helper -o stratum+tcp://x:3333"])
+        sb.flush_events()
+        marked = (sb.workspace / "MARKER").exists()
+    assert result.exit_code == 137 and renamed.exit_code == 137  # killed at execve, before the image ran
+    assert not marked
+    blocked = [a for a in sb.alerts if a.rule == "Miner stopped before it ran"]
+    assert {a.step for a in blocked} == {1, 2} and all(a.category == "cryptomining" for a in blocked)
+    assert all(a.event.data["enforced"] for a in blocked)
+
+
+def test_observe_mode_lets_the_denied_program_run_and_says_so() -> None:
+    with Sandbox(mode="observe") as sb:
+        miner = sb.workspace / "xmrig"
+        miner.write_text("#!/bin/sh\ntouch /workspace/MARKER\n")
+        miner.chmod(0o755)
+        result = sb.exec(["/workspace/xmrig"])
+        sb.flush_events()
+        marked = (sb.workspace / "MARKER").exists()
+    assert result.exit_code == 0 and marked
+    (blocked,) = [a for a in sb.alerts if a.rule == "Miner stopped before it ran"]
+    assert blocked.event.data["enforced"] is False

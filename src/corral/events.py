@@ -23,6 +23,7 @@ DUP_SOCKET, PTRACE, MOUNT, NS, MODULE_LOAD, BPF, MEMFD_EXEC, SETUID, CAPSET, SIG
 DROP = 100  # made in user space from the kernel's per-CPU drop counter
 # Derived events: made in user space by detectors (corral.detect) from other events.
 DNS, FLOW, SCAN, CPU_SATURATION, LONG_SESSION, CRED_THEN_EGRESS, DNS_TUNNEL, OUTLIVES_STEP = range(101, 109)
+EXEC_DENIED = 109  # from the kernel's exec deny list (respond.prevent), not the sensor
 
 KIND_NAMES: dict[int, str] = {
     EXEC: "exec", FORK: "fork", EXIT: "exit", CONNECT: "connect", SEND: "send", BIND: "bind",
@@ -32,6 +33,7 @@ KIND_NAMES: dict[int, str] = {
     CAPSET: "capset", SIGNAL: "signal", DROP: "drop",
     DNS: "dns", FLOW: "flow", SCAN: "scan", CPU_SATURATION: "cpu_saturation", LONG_SESSION: "long_session",
     CRED_THEN_EGRESS: "cred_then_egress", DNS_TUNNEL: "dns_tunnel", OUTLIVES_STEP: "outlives_step",
+    EXEC_DENIED: "exec_denied",
 }
 KIND_IDS: dict[str, int] = {name: type_id for type_id, name in KIND_NAMES.items()}
 KINDS: frozenset[str] = frozenset(KIND_NAMES.values())

@@ -25,6 +25,7 @@ from corral import events as ev
 from corral.detect.engine import Alert, Engine
 from corral.detect.flows import FlowJoiner, FlowRecord, FlowSniffer, to_event
 from corral.monitor import Monitor
+from corral.respond.prevent import DeniedExec, ExecGuard
 
 #: How often time-based detectors run.
 TICK_S = 0.5
@@ -41,11 +42,13 @@ class _Listener:
 
 
 class Pipeline(threading.Thread):
-    def __init__(self, monitor: Monitor, *, rule_paths: Sequence[Path] = (), sniff_flows: bool = True) -> None:
+    def __init__(self, monitor: Monitor, *, rule_paths: Sequence[Path] = (), sniff_flows: bool = True,
+                 prevent_exec: bool = True) -> None:
         super().__init__(name="corral-pipeline", daemon=True)
         self.monitor = monitor
         self.engine = Engine(ancestors=monitor.ancestors, rule_paths=rule_paths)
         self.flows = FlowSniffer() if sniff_flows else None
+        self.exec_guard = ExecGuard() if prevent_exec else None
         self._joiner = FlowJoiner()
         self._scopes: dict[int, tuple[int, int]] = {}  # cgroup id -> (sandbox id, step)
         self._launching: dict[int, bool] = {}  # cgroup id -> forever (the holder's)
@@ -127,6 +130,7 @@ class Pipeline(threading.Thread):
         # Flows first, then the sensor: every connect/accept that a flow follows
         # is then in the sensor batch, ready to name the flow's process.
         records = self.flows.read() if self.flows is not None else []
+        denied = self.exec_guard.read() if self.exec_guard is not None else []
         batch = self.monitor.read(timeout=0.05)
         with self._lock:
             listeners = dict(self._listeners)
@@ -135,6 +139,8 @@ class Pipeline(threading.Thread):
                 self._joiner.observe(event)
             self._handle(event, listeners)
         self._handle_flows(records, listeners)
+        for d in denied:
+            self._handle(self._denied_event(d), listeners)
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self._inbox.get_nowait()
@@ -162,6 +168,13 @@ class Pipeline(threading.Thread):
                 continue  # another corral process's sandbox: the attachment sees all of corral/
             self._handle(to_event(record, scopes=self._scopes, source=source), listeners)
 
+    def _denied_event(self, d: DeniedExec) -> ev.DerivedEvent:
+        sandbox_id, step = self._scopes.get(d.cgroup_id, (d.sandbox_id, 0))
+        return ev.DerivedEvent.make(
+            "exec_denied", ts_ns=d.ts_ns, cgroup_id=d.cgroup_id, pid=d.pid, tid=d.tid, uid=d.uid,
+            sandbox_id=sandbox_id, step_id=step, comm=d.comm, proc=self.monitor.processes.get(d.pid),
+            filename=d.filename, path=d.path, match=d.kind.name.lower(), rule=d.rule, enforced=d.enforced)
+
     def _handle(self, event: ev.Event, listeners: dict[int, _Listener]) -> None:
         listener = listeners.get(event.sandbox_id)
         if listener is None or self._corral_own(event):
@@ -173,7 +186,7 @@ class Pipeline(threading.Thread):
     def _corral_own(self, event: ev.Event) -> bool:
         """Is this event corral's own launcher at work (not the sandbox's)?"""
         forever = self._launching.get(event.cgroup_id)
-        if forever is None:
+        if forever is None or event.type == ev.EXEC_DENIED:  # (the deny list never names the launcher)
             return False
         if forever:
             return True

@@ -399,6 +399,7 @@ _DATA: dict[str, tuple[str, ...]] = {
     "cred_then_egress": ("cred.path", "cred.kind", "cred.seconds"),
     "dns_tunnel": ("tunnel.domain", "tunnel.names", "tunnel.entropy", "tunnel.txt"),
     "outlives_step": ("outlives.seconds",),
+    "exec_denied": ("denied.filename", "denied.path", "denied.match", "denied.rule", "denied.enforced"),
 }
 for _kind, _names in _DATA.items():
     for _field_name in _names:

@@ -44,6 +44,7 @@ from corral.monitor import HOME_ENTRIES, Monitor
 from corral.pipeline import Pipeline
 from corral.respond import evidence
 from corral.respond.actions import respond
+from corral.respond.prevent import DEFAULT_EXEC_DENY
 from corral.sandbox import canaries as canary_mod
 from corral.sandbox import cgroups, fs
 from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upstream
@@ -243,6 +244,11 @@ class Sandbox:
         self.pipeline.engine.context.add_sandbox(self.id, self.name, self.policy.mode, self.episode)
         self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert)
         stack.callback(self.pipeline.remove_sandbox, self.id)
+        self.exec_guard = self.pipeline.exec_guard
+        if self.exec_guard is not None:
+            self.exec_guard.add_sandbox(self.id, enforce=self.mode == Mode.ENFORCE)
+            stack.callback(self.exec_guard.remove_sandbox, self.id)
+            self.exec_guard.deny(self.id, DEFAULT_EXEC_DENY)
 
         resolv_conf = None
         if self.policy.allow_domains:
@@ -282,6 +288,8 @@ class Sandbox:
         """The process that holds the namespaces for every step, in step cgroup 0."""
         holder_cg = self.cgroup.new_step(0)
         self.pipeline.watch(holder_cg.id, self.id, 0, infrastructure=True)
+        if self.exec_guard is not None:
+            self.exec_guard.bind_cgroup(holder_cg.id, self.id)
         self._stack.callback(self.pipeline.unwatch, holder_cg.id)
         self.guard.bind_cgroup(holder_cg.id, self.id)
         argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"], self._env)
@@ -320,6 +328,8 @@ class Sandbox:
         step_cg = self.cgroup.new_step(number)
         self.pipeline.engine.context.add_step(self.id, number, " ".join(argv))
         self.pipeline.watch(step_cg.id, self.id, number)
+        if self.exec_guard is not None:
+            self.exec_guard.bind_cgroup(step_cg.id, self.id)
         self._stack.callback(self.pipeline.unwatch, step_cg.id)
         self.guard.bind_cgroup(step_cg.id, self.id)
         full = fs.enter_argv(self._holder_pid, argv, self._env)
