@@ -559,3 +559,21 @@ def test_benign_work_raises_nothing_high(lab: Lab) -> None:
     loud = [a for a in sb.alerts if SEVERITY[a.severity] >= SEVERITY["high"]]
     assert not loud, describe(sb)
 
+
+
+def test_fork_bomb_and_memory_balloon_hit_limits_and_say_so() -> None:
+    """Behaviour, not names: however a fork bomb is written, its sandbox refuses forks at the
+    pids limit, and that is a resource_abuse alert; so is an OOM kill at the memory limit."""
+    bomb = ("import os, time\nkids = []\ntry:\n    while len(kids) < 200:\n        pid = os.fork()\n"
+            "        if pid == 0:\n            time.sleep(3); os._exit(0)\n        kids.append(pid)\n"
+            "except OSError:\n    pass\nprint(len(kids))")
+    with Sandbox(mode="observe", pids=32, memory="64M") as sb:
+        forked = sb.exec(["python3", "-c", bomb])
+        balloon = sb.exec(["python3", "-c", "b = bytearray(300 * 1024 * 1024)"])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len({a.rule for a in sb.alerts if a.category == "resource_abuse"}) < 2:
+            time.sleep(0.1)  # limits are looked at twice a second
+    assert int(forked.stdout) < 32 and balloon.exit_code == 137
+    hits = {a.event.data["resource"]: a for a in sb.alerts if a.event.kind == "limit_hit"}
+    assert set(hits) == {"pids", "memory"}
+    assert hits["pids"].severity == "high" and hits["pids"].step == 1 and hits["memory"].step == 2

@@ -24,6 +24,7 @@ DROP = 100  # made in user space from the kernel's per-CPU drop counter
 # Derived events: made in user space by detectors (corral.detect) from other events.
 DNS, FLOW, SCAN, CPU_SATURATION, LONG_SESSION, CRED_THEN_EGRESS, DNS_TUNNEL, OUTLIVES_STEP = range(101, 109)
 EXEC_DENIED = 109  # from the kernel's exec deny list (respond.prevent), not the sensor
+LIMIT_HIT = 110  # a sandbox's cgroup refused a fork or OOM-killed a process
 
 KIND_NAMES: dict[int, str] = {
     EXEC: "exec", FORK: "fork", EXIT: "exit", CONNECT: "connect", SEND: "send", BIND: "bind",
@@ -33,7 +34,7 @@ KIND_NAMES: dict[int, str] = {
     CAPSET: "capset", SIGNAL: "signal", DROP: "drop",
     DNS: "dns", FLOW: "flow", SCAN: "scan", CPU_SATURATION: "cpu_saturation", LONG_SESSION: "long_session",
     CRED_THEN_EGRESS: "cred_then_egress", DNS_TUNNEL: "dns_tunnel", OUTLIVES_STEP: "outlives_step",
-    EXEC_DENIED: "exec_denied",
+    EXEC_DENIED: "exec_denied", LIMIT_HIT: "limit_hit",
 }
 KIND_IDS: dict[str, int] = {name: type_id for type_id, name in KIND_NAMES.items()}
 KINDS: frozenset[str] = frozenset(KIND_NAMES.values())

@@ -39,6 +39,8 @@ LAUNCHER_EXES = frozenset({"/usr/bin/setpriv", "/usr/bin/nsenter", "/usr/bin/set
 class _Listener:
     on_event: Callable[[ev.Event], None]
     on_alert: Callable[[Alert], None]
+    #: called every tick: events the sandbox itself observed (its cgroup's limit hits)
+    poll: Callable[[], list[ev.Event]] | None = None
 
 
 class Pipeline(threading.Thread):
@@ -63,9 +65,10 @@ class Pipeline(threading.Thread):
     # -- called from other threads -------------------------------------------
 
     def add_sandbox(self, sandbox_id: int, listener_event: Callable[[ev.Event], None],
-                    listener_alert: Callable[[Alert], None]) -> None:
+                    listener_alert: Callable[[Alert], None],
+                    poll: Callable[[], list[ev.Event]] | None = None) -> None:
         with self._lock:
-            self._listeners[sandbox_id] = _Listener(listener_event, listener_alert)
+            self._listeners[sandbox_id] = _Listener(listener_event, listener_alert, poll)
 
     def remove_sandbox(self, sandbox_id: int) -> None:
         """Report what was folded for it, then forget it."""
@@ -153,6 +156,9 @@ class Pipeline(threading.Thread):
             self._next_tick = now + TICK_S
             for alert in self.engine.tick():
                 self._deliver_alert(alert, listeners)
+            for listener in listeners.values():
+                for event in listener.poll() if listener.poll is not None else ():
+                    self._handle(event, listeners)
 
     def _handle_flows(self, records: list[FlowRecord], listeners: dict[int, _Listener]) -> None:
         now = time.monotonic()

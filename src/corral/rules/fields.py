@@ -400,6 +400,7 @@ _DATA: dict[str, tuple[str, ...]] = {
     "dns_tunnel": ("tunnel.domain", "tunnel.names", "tunnel.entropy", "tunnel.txt"),
     "outlives_step": ("outlives.seconds",),
     "exec_denied": ("denied.filename", "denied.path", "denied.match", "denied.rule", "denied.enforced"),
+    "limit_hit": ("limit.resource", "limit.count", "limit.total"),
 }
 for _kind, _names in _DATA.items():
     for _field_name in _names:

@@ -242,7 +242,8 @@ class Sandbox:
 
         self.pipeline = _pipeline_for(self.monitor, self._rule_paths)
         self.pipeline.engine.context.add_sandbox(self.id, self.name, self.policy.mode, self.episode)
-        self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert)
+        self._limit_counts: dict[str, int] = {}
+        self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert, self._limit_hits)
         stack.callback(self.pipeline.remove_sandbox, self.id)
         self.exec_guard = self.pipeline.exec_guard
         if self.exec_guard is not None:
@@ -437,6 +438,18 @@ class Sandbox:
                         for a in self.alerts if a.action != "alert"],
             "risk": round(1.0 - risk, 4),
         }
+
+    def _limit_hits(self) -> list[ev.Event]:
+        """`limit_hit` events for forks refused or OOM kills since the last look."""
+        out: list[ev.Event] = []
+        names = {"pids_max": "pids", "oom_kill": "memory"}
+        for key, total in self.cgroup.events().items():
+            before = self._limit_counts.get(key, 0)
+            if total > before:
+                self._limit_counts[key] = total
+                out.append(ev.DerivedEvent.make("limit_hit", sandbox_id=self.id, step_id=self._step,
+                                                resource=names[key], count=total - before, total=total))
+        return out
 
     def _on_alert(self, alert: Alert) -> None:
         respond(alert, self)
