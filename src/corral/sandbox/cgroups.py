@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError
 from corral.sensor.cgroups import cgroup_id
 from corral.sensor.host import cgroup2_root
@@ -402,16 +403,6 @@ def _enable_v2_controllers(base: Path) -> None:
                                  "in leaves of cgroups with controllers enabled): move them into a child"})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def reap_stale() -> list[str]:
     """Destroy sandboxes left behind by corral runs that died: those named ``sb-<pid>-...`` whose owner
     pid is gone.  Returns the names reaped."""
@@ -423,7 +414,7 @@ def reap_stale() -> list[str]:
     reaped = []
     for name in sorted(names):
         m = _STALE_NAME.fullmatch(name)
-        if m and not _alive(int(m[1])):
+        if m and not pid_alive(int(m[1])):
             SandboxCgroup._existing(name).destroy()
             reaped.append(name)
     return reaped

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError, HostError
 
 PREFIX = "corral-"
@@ -214,20 +215,11 @@ class NetNamespace:
         with _netns_lock():
             for name in netns_names():
                 m = _STALE_RE.fullmatch(name)
-                if m and not _pid_alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     _remove(name)
                     reaped.append(name)
         return reaped
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(netns: str) -> None:

@@ -39,6 +39,7 @@ from typing import IO, Any
 from corral import events as ev
 from corral.detect.engine import SEVERITIES as SEVERITY_ORDER
 from corral.detect.engine import Alert
+from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError
 from corral.monitor import HOME_ENTRIES, Monitor
 from corral.pipeline import Pipeline
@@ -120,20 +121,11 @@ def reap_stale() -> list[str]:
     if base.is_dir():
         for entry in base.iterdir():
             owner = entry.name.split("-")
-            if len(owner) >= 2 and owner[0] == "sb" and owner[1].isdigit() and not _alive(int(owner[1])):
+            if len(owner) >= 2 and owner[0] == "sb" and owner[1].isdigit() and not pid_alive(int(owner[1])):
                 shutil.rmtree(entry, ignore_errors=True)
                 reaped.append(str(entry))
     return reaped
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Sandbox:

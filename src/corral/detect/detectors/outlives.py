@@ -9,10 +9,9 @@ exiting.  Step 0 is the sandbox's holder (its long-lived init), so it is never r
 
 from __future__ import annotations
 
-import os
-
 from corral import events as ev
 from corral.detect.detectors._common import NS, Lru, StepKey, step_key
+from corral.enrich.proctable import pid_alive
 
 
 class _Step:
@@ -23,15 +22,6 @@ class _Step:
         self.reported: dict[int, None] = {}  # leftovers already reported, and their descendants
         self.ended_ns = 0  # 0 while the step runs
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OutlivesStepDetector:
@@ -97,7 +87,7 @@ class OutlivesStepDetector:
             for pid, known in list(step.live.items()):
                 del step.live[pid]  # reported (or found gone) once, and never again
                 self._pid_step.pop(pid, None)
-                if not _alive(pid):
+                if not pid_alive(pid):
                     continue  # its exit was not seen (a dropped record)
                 self._remember(step.reported, pid)
                 fork = isinstance(known, ev.ForkEvent) and known.pid != pid
