@@ -9,7 +9,6 @@ record.  ``records.py`` in the sensor owns the binary layouts.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -175,6 +174,9 @@ class ExecEvent(Event):
         return [fd for fd in (0, 1, 2) if self.flags & (2 << fd)]
 
 
+_FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+
+
 class NetEvent(Event):
     """connect, send, bind, listen, accept (and dup_socket, below)."""
 
@@ -192,8 +194,8 @@ class NetEvent(Event):
 
     @property
     def family(self) -> str:
-        return {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}.get(
-            self._t[12], str(self._t[12]))
+        fam = self._t[12]
+        return _FAMILIES.get(fam) or str(fam)
 
     @property
     def port(self) -> int:
@@ -213,7 +215,7 @@ class NetEvent(Event):
         if fam == socket.AF_INET:
             return socket.inet_ntop(socket.AF_INET, self._t[16][:4])
         if fam == socket.AF_INET6:
-            return str(ipaddress.IPv6Address(self._t[16]))
+            return socket.inet_ntop(socket.AF_INET6, self._t[16])  # RFC 5952 text, as ipaddress writes it
         return ""
 
     @property

@@ -29,6 +29,7 @@ SEVERITIES = ("info", "low", "medium", "high", "critical")
 
 #: Storm control: at most this many alerts per (rule, sandbox) in FOLD_WINDOW_S;
 #: the rest are counted and reported on the next alert of that rule that gets out.
+#: Only rules whose action is `alert` are folded: every kill or cut must happen.
 FOLD_BURST = 5
 FOLD_WINDOW_S = 10.0
 
@@ -205,6 +206,8 @@ class Engine:
         return [a for a in (self._alert(rule, event) for rule in rules) if a is not None]
 
     def _alert(self, rule: Rule, event: ev.Event) -> Alert | None:
+        if rule.action != "alert":
+            return self._make(rule, event, 0)  # an action is taken for every match: never folded
         now = time.monotonic()
         key = (rule.name, event.sandbox_id)
         fold = self._fold.get(key)

@@ -306,6 +306,14 @@ class SandboxCgroup:
             _mkdir(d / leaf)
         return StepCgroup(step, self.path / leaf, [d / leaf for d in self._v1_dirs()])
 
+    def holds(self, pid: int) -> bool:
+        """Whether process `pid` is in this sandbox (any step), from its /proc/PID/cgroup."""
+        try:
+            text = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            return False
+        return f"/corral/{self.name}/" in text or text.rstrip().endswith(f"/corral/{self.name}")
+
     def pids(self) -> list[int]:
         """Every process in the sandbox, in any step and any hierarchy (they should agree; a stray
         process in just one still keeps that directory from being removed)."""

@@ -299,7 +299,23 @@ class Sandbox:
                 self.cgroup.kill_all()
             with contextlib.suppress(Exception):
                 self.pipeline.flush()
+            if hasattr(self, "guard"):
+                with contextlib.suppress(Exception):
+                    self._destroy_sockets()
         self._stack.close()
+
+    def _destroy_sockets(self) -> None:
+        """Cut, then destroy the sockets the killed processes left behind.
+
+        A killed process's TCP socket lives on, orphaned, and retransmits what
+        it had queued; once the sandbox's egress entries are gone (or corral
+        has exited), that would get out.  SOCK_DESTROY (ss -K) ends them now.
+        """
+        self.guard.set_mode(self.id, Mode.CUT)
+        steps = [f"cgroup /corral/{self.name}/step-{n}" for n in range(self._step + 1)]
+        for i in range(0, len(steps), 50):
+            subprocess.run([*self.netns.exec_prefix(), "ss", "-K", "-a", "-t", "-u", " or ".join(steps[i:i + 50])],
+                           capture_output=True, timeout=10)
 
     # -- steps ---------------------------------------------------------------
 
@@ -388,11 +404,12 @@ class Sandbox:
         self.guard.set_mode(self.id, Mode.CUT)
 
     def collect_evidence(self, alert: Alert) -> Path:
-        self.frozen = True
         pids = self.cgroup.pids()
-        return evidence.collect(STATE_DIR / "evidence" / self.name / alert.id, alert, pids,
-                                {pid: _step_of(pid) for pid in pids}, self._recent.get(alert.step, ()),
-                                itertools.chain.from_iterable(self._recent.values()), self.workspace)
+        bundle = evidence.collect(STATE_DIR / "evidence" / self.name / alert.id, alert, pids,
+                                  {pid: _step_of(pid) for pid in pids}, self._recent.get(alert.step, ()),
+                                  itertools.chain.from_iterable(self._recent.values()), self.workspace)
+        self.frozen = True  # only now: a step waiting on the sandbox may return, and release() it
+        return bundle
 
     def release(self) -> None:
         """Thaw a sandbox frozen by a `freeze` action; steps can run again."""
