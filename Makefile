@@ -51,8 +51,7 @@ mounts:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
 demo: setup
-	@echo "corral trace: every event of a small script that fetches a page from a local server"
-	$(BIN)/corral trace -- bash examples/trace-demo.sh
+	$(BIN)/corral demo
 
 lint: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks)

@@ -15,6 +15,7 @@ from typing import TextIO
 
 from corral import events as ev
 from corral.detect.engine import Alert
+from corral.drills.cli import add_drill_parsers
 from corral.errors import CorralError
 from corral.monitor import Monitor
 from corral.rules.cli import add_rules_parser
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_rules_parser(sub)
+    add_drill_parsers(sub)
 
     doctor = sub.add_parser("doctor", help="check that this host can run the sensor",
                             description="Run every host check and load the sensor once.")

@@ -1,0 +1,126 @@
+"""`corral lab up|down|status` and `corral demo`: add_drill_parsers() adds them to corral's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from corral.drills import lab as lab_mod
+from corral.errors import CorralError
+
+
+def add_drill_parsers(sub: Any) -> None:
+    """Add the `lab` and `demo` subcommands to `sub` (what ArgumentParser.add_subparsers returned)."""
+    lab = sub.add_parser(
+        "lab", help="a drill network with no route out: fake internet, pool, sshd, internal hosts, metadata",
+        description="The drill lab: network namespaces with no route out, holding a fake internet host with "
+                    "OpenSSH, a stratum mining pool, an HTTP upload sink, a reverse-shell catcher, DNS, a fake "
+                    "internal network (10.20.0.0/24) and cloud metadata stubs, all on documentation and private "
+                    "addresses, every access logged. Run a sandbox in it with `corral run --netns NAME`.",
+        epilog="examples:\n  corral lab up\n  corral run --mode observe --netns corral-lab -- "
+               f"curl -s http://{lab_mod.METADATA_HOSTS[0]}/latest/meta-data/\n"
+               "  corral lab status --json\n  corral lab down",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    lab.add_argument("action", choices=("up", "down", "status"),
+                     help="up: make it unless it is up (idempotent); down: remove everything; status: say "
+                          "what is up (exit 1 if it is not)")
+    lab.add_argument("--name", default=lab_mod.DEFAULT_NAME,
+                     help="the lab's name, which is also its sandbox-side namespace (default: %(default)s)")
+    lab.add_argument("--key", action="append", default=[], metavar="PUBKEY_FILE",
+                     help="with up: let this SSH public key log in to the lab's sshd; repeatable")
+    lab.add_argument("--json", action="store_true", help="with status: print the status as JSON")
+    lab.set_defaults(func=cmd_lab)
+
+    demo = sub.add_parser(
+        "demo", help="watch corral catch a scripted rogue agent (tunnel, miner, scan, credentials) in the lab",
+        description="A scripted agent does a small coding task in a sandbox attached to the drill lab, then "
+                    "turns rogue as the ROME agent did: it maps the internal network, opens a reverse SSH tunnel, "
+                    "starts a crypto miner and reads credentials. corral's alerts and actions are shown live, "
+                    "then the episode's verdict and where the incident data is. Brings the lab up (and down) "
+                    "if it is not up. Exit status 0 when the verdict names the tunnel and the miner.")
+    demo.add_argument("--out", metavar="DIR", help="where the incident data goes (default: a new "
+                      "corral-demo-* directory in the temporary directory)")
+    demo.add_argument("--lab", default=lab_mod.DEFAULT_NAME, metavar="NAME", help="the lab to use or bring up")
+    demo.add_argument("--colour", "--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour alerts by severity (auto: when stdout is a terminal)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _say(line: str) -> None:
+    print(f"corral: {line}", file=sys.stderr, flush=True)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    lab = lab_mod.Lab(args.name, progress=_say)
+    if args.action == "up":
+        made = lab.up()
+        for path in args.key:
+            with open(path) as f:
+                lab.authorize_key(f.read())
+        _print_status(lab.status(), "made now" if made else "already up")
+        return 0
+    if args.action == "down":
+        removed = lab.down()
+        print(f"lab {lab.name}: " + ("; ".join(removed) + " removed" if removed else "nothing to remove"))
+        return 0
+    status = lab.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status, "up" if status["up"] else "NOT UP: " + "; ".join(status["problems"]))
+    return 0 if status["up"] else 1
+
+
+def _print_status(status: dict[str, Any], how: str) -> None:
+    print(f"lab {status['name']}: {how}")
+    if not status["up"]:
+        return
+    rows = [("sandbox side", f"netns {status['client_netns']} ({lab_mod.CLIENT_ADDR}): "
+                             f"corral run --netns {status['client_netns']} ...", "no route out"),
+            *status["services"]]
+    width = max(len(r[0]) for r in rows)
+    for what, where, note in rows:
+        print(f"  {what:<{width}}  {where}  ({note})")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(status["accesses"].items())) or "none yet"
+    print(f"  {'access logs':<{width}}  {status['logs']}/ (accesses: {counts})")
+    print(f"  {'ssh keys':<{width}}  {status['authorized_keys']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from corral.drills.demo import run_demo
+
+    colour = {"auto": None, "always": True, "never": False}[args.colour]
+    return run_demo(args.out, lab_name=args.lab, colour=colour)
+
+
+def main(argv: list[str]) -> int:
+    """`lab` and `demo` on their own (python -m corral.drills.cli lab up), as corral's CLI runs them."""
+    parser = argparse.ArgumentParser(prog="corral")
+    add_drill_parsers(parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except CorralError as exc:
+        print(f"corral: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """main(), then a fast exit, as corral.cli.entry: a child inheriting the sensor's descriptors
+    pays for detaching its programs (seconds) after we have exited."""
+    code = main(sys.argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        os.setsid()
+        os.closerange(0, 3)  # whoever reads our output must not wait for this child
+        os._exit(0)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entry()
