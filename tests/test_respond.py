@@ -5,6 +5,7 @@ Test hosts live in the lab (tests/netlab.py): namespaces with no route out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -155,14 +156,16 @@ def test_descendants_follows_parent_links() -> None:
 
 def test_freeze_keeps_the_sandbox_frozen_with_evidence(monitor: Monitor) -> None:
     with Sandbox(monitor=monitor, rules=[RULES]) as sb:
-        sb.exec("cp /bin/sleep /tmp/dropped && /tmp/dropped 30 >/dev/null 2>&1 &")
+        sb.exec("echo hello > /workspace/notes.txt; cp /bin/sleep /tmp/dropped && /tmp/dropped 30 >/dev/null 2>&1 &")
         with pytest.raises(SandboxFrozen):
             sb.exec(["sh", "-c", "echo 1 > /workspace/progress; sleep 0.5; echo 2 > /workspace/progress",
                      "corral-test-freeze"])
         sb.flush_events()
         (alert,) = [a for a in sb.alerts if a.rule == "Test freeze marker"]
         assert alert.action_taken == "freeze" and sb.frozen and sb.cgroup.frozen
-        assert (sb.workspace / "progress").read_text() == "1\n"  # frozen before it could write 2
+        progress = sb.workspace / "progress"
+        # frozen at its exec: before it could write 2 (and, often, before it wrote 1)
+        assert (progress.read_text() if progress.exists() else "") in ("", "1\n")
         bundle = json.loads(Path(alert.action_result.split("evidence in ")[1]).read_text())
         with pytest.raises(Exception, match="frozen"):
             sb.exec("true")
@@ -172,7 +175,8 @@ def test_freeze_keeps_the_sandbox_frozen_with_evidence(monitor: Monitor) -> None
     assert guilty["step"] == 2 and "corral-test-freeze" in guilty["argv"]
     assert bundle["alert"]["rule"] == "Test freeze marker"
     assert any(b["path"] == "/tmp/dropped" and b["copied"] for b in bundle["binaries"])
-    assert any(f["path"] == "progress" for f in bundle["workspace"])
+    notes = next(f for f in bundle["workspace"] if f["path"] == "notes.txt")
+    assert notes["sha256"] == hashlib.sha256(b"hello\n").hexdigest()
     assert any(e["kind"] == "exec" for e in bundle["recent_events"])
     shutil.rmtree(Path(alert.action_result.split("evidence in ")[1]).parent, ignore_errors=True)
 
