@@ -1,8 +1,7 @@
 """The drill lab and `corral demo`, end to end.
 
 Each test uses a lab of its own name (never the default `corral-lab` someone may have up), run
-through the same entry points a user runs: `python -m corral.drills.cli lab ...` and
-`python -m corral.drills.demo` (what `corral lab` and `corral demo` call).  The lab's namespaces
+through the same entry points a user runs: `corral lab ...` and `corral demo`.  The lab's namespaces
 are proved to have no route out before anything runs in them; everything is on documentation
 and lab-private addresses.
 """
@@ -30,12 +29,12 @@ pytestmark = pytest.mark.skipif(
     or not Path("/usr/sbin/sshd").exists() or shutil.which("ssh-keygen") is None,
     reason="needs root, iproute2, bubblewrap and OpenSSH")
 
+CORRAL = str(Path(sys.executable).parent / "corral")
 DEMO_TIMEOUT_S = 120  # it takes a few seconds; the budget is 60 s on a loaded machine
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral.drills.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([CORRAL, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -226,8 +225,8 @@ def test_lab_servers_answer_and_log_every_access(lab_name: str, tmp_path: Path) 
 # -- the demo -------------------------------------------------------------------------
 
 def _demo(out: Path, lab_name: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "corral.drills.demo", "--out", str(out), "--lab", lab_name,
-                             "--colour", "never"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([CORRAL, "demo", "--out", str(out), "--lab", lab_name, "--colour", "never"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_demo_catches_the_tunnel_and_the_miner_and_leaves_nothing(lab_name: str, tmp_path: Path) -> None:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from corral.drills import lab as lab_mod
-from corral.errors import CorralError
 
 
 def add_drill_parsers(sub: Any) -> None:
@@ -94,33 +92,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     colour = {"auto": None, "always": True, "never": False}[args.colour]
     return run_demo(args.out, lab_name=args.lab, colour=colour)
-
-
-def main(argv: list[str]) -> int:
-    """`lab` and `demo` on their own (python -m corral.drills.cli lab up), as corral's CLI runs them."""
-    parser = argparse.ArgumentParser(prog="corral")
-    add_drill_parsers(parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.func(args)
-        return code
-    except CorralError as exc:
-        print(f"corral: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def entry(argv: list[str] | None = None) -> None:
-    """main(), then a fast exit, as corral.cli.entry: a child inheriting the sensor's descriptors
-    pays for detaching its programs (seconds) after we have exited."""
-    code = main(sys.argv[1:] if argv is None else argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.fork() == 0:
-        os.setsid()
-        os.closerange(0, 3)  # whoever reads our output must not wait for this child
-        os._exit(0)
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    entry()

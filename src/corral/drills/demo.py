@@ -545,8 +545,3 @@ def _rank(severity: str) -> int:
 
     return SEVERITIES.index(severity) if severity in SEVERITIES else -1
 
-
-if __name__ == "__main__":
-    from corral.drills.cli import entry
-
-    entry(["demo", *sys.argv[1:]])
