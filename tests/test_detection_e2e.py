@@ -7,7 +7,7 @@ the scenario's category, of severity medium or more, names the scenario's step; 
 of a scenario is *how* it is caught (a renamed ssh by its banner on the wire, stratum on 443, a DNS
 tunnel), it also asserts the kind of event behind the alert.
 
-The servers live in the lab's server namespace (tests/netlab.py, tests/lab_servers.py): two
+The servers live in the lab's server namespace (tests/netlab.py, corral.drills.servers): two
 namespaces joined by a veth with no route out, proved by ``assert_no_route_out`` before every
 sandbox starts, since observe mode blocks nothing.  Only documentation addresses are used.
 
@@ -42,7 +42,6 @@ HOST = "198.51.100.10"  # sshd (22, 443), pool (3333), HTTP sink (8080), shell c
 OTHER = "198.51.100.11"  # nothing listens: the scan target
 POOL_443 = "203.0.113.10"  # a stratum pool on 443
 METADATA = "169.254.169.254"  # HTTP metadata stub on 80
-LAB_SERVERS = str(Path(__file__).with_name("lab_servers.py"))
 
 SEVERITY = {name: i for i, name in enumerate(SEVERITIES)}
 
@@ -96,9 +95,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert_no_route_out(net.client)
         assert_no_route_out(net.server)
         servers = net.start_server(net.server, [
-            sys.executable, LAB_SERVERS, f"pool@{HOST}:3333", f"pool@{POOL_443}:443", f"http@{METADATA}:80",
-            f"http@{HOST}:8080", f"shell@{HOST}:9001", f"dns@{HOST}:53"])
-        assert servers.stdout is not None and servers.stdout.readline().strip() == "ready"
+            sys.executable, "-m", "corral.drills.servers", "--log-dir", str(tmp / "server-logs"),
+            f"pool@{HOST}:3333", f"pool@{POOL_443}:443", f"http@{METADATA}:80", f"http@{HOST}:8080",
+            f"shell@{HOST}:9001", f"dns@{HOST}:53"])
+        assert servers.stdout is not None and servers.stdout.readline().startswith("ready")
         net.start_listener(net.server, [f"tcp:2375@{HOST}", f"tcp:6443@{HOST}"])  # docker API, kube API
         sshd = _start_sshd(net, tmp)
         try:
