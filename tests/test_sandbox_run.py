@@ -230,3 +230,14 @@ def test_cli_bad_policy_names_file_and_line(tmp_path: Path) -> None:
     res = subprocess.run([CORRAL, "run", "--policy", str(bad), "--", "true"], capture_output=True, text=True)
     assert res.returncode == 2
     assert f"{bad}:3" in res.stderr and "egres" in res.stderr
+
+
+def test_a_sandbox_made_in_a_short_lived_thread_keeps_working() -> None:
+    # bwrap's --die-with-parent follows the thread that forked it: holders are started
+    # from one long-lived thread, so a worker thread's exit does not end its sandbox.
+    made: list[Sandbox] = []
+    worker = threading.Thread(target=lambda: made.append(Sandbox().__enter__()))
+    worker.start()
+    worker.join()
+    with made[0] as sb:
+        assert sb.exec(["echo", "alive"]).stdout == "alive\n"

@@ -20,6 +20,7 @@ watched and blamed on step 1.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -80,6 +81,8 @@ class Result:
 
 
 _pipelines: dict[int, Pipeline] = {}
+#: One long-lived thread that starts every holder (see _start_holder).
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-spawner")
 _shared: dict[str, Any] = {}
 _shared_lock = threading.Lock()
 
@@ -286,8 +289,12 @@ class Sandbox:
         self._stack.callback(self.pipeline.unwatch, holder_cg.id)
         self.guard.bind_cgroup(holder_cg.id, self.id)
         argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"], self._env)
-        holder = subprocess.Popen(argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Started from a thread that lives as long as this process: bwrap's
+        # --die-with-parent (PR_SET_PDEATHSIG) follows the *thread* that forked it,
+        # and a sandbox made in a short-lived worker thread would lose its holder.
+        holder = _spawner.submit(subprocess.Popen, argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE).result()
         self._stack.callback(_end, holder)
         self._holder_pid = _wait_for_sleeper(holder)
 
