@@ -1,7 +1,7 @@
 """Run every benchmark, one after the other (``make bench``).
 
-    .venv/bin/python benchmarks/run.py            # ~3 minutes; updates docs/performance.md
-    .venv/bin/python benchmarks/run.py --quick    # ~30 seconds smoke run; prints only
+    .venv/bin/python benchmarks/run.py            # ~9 minutes; updates docs/performance.md
+    .venv/bin/python benchmarks/run.py --quick    # ~1 minute smoke run; prints only
 
 Options are passed on to each benchmark (--quick, --no-doc, --strict).  Each one runs in its own
 process, so a failure in one does not stop the next; the exit status is 1 if any failed.
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("decode_throughput.py", "syscall_overhead.py", "sandbox_lifecycle.py")
+BENCHMARKS = ("decode_throughput.py", "syscall_overhead.py", "sandbox_lifecycle.py", "workload_overhead.py",
+              "scale.py", "engine_throughput.py", "detection_latency.py")
 
 
 def main() -> int:
