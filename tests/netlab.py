@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
+from corral.enrich.proctable import pid_alive
+
 SERVER_V4 = "192.0.2.1"
 CLIENT_V4 = "192.0.2.2"
 SERVER_V6 = "2001:db8:1::1"
@@ -184,6 +186,16 @@ class Processes:
         return res.stdout.strip()
 
 
+def reap_stale_labs() -> None:
+    """Remove the namespaces of test labs whose test process died without closing them."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (line.split()[0] for line in listing.splitlines() if line.strip()):
+        parts = name.split("-")
+        if (len(parts) >= 3 and name.startswith("corral-test-") and parts[2].isdigit()
+                and not pid_alive(int(parts[2]))):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 class TestNet(Processes):
     """The lab; use as a context manager.  ``client`` and ``server`` are namespace names."""
 
@@ -198,6 +210,7 @@ class TestNet(Processes):
         self._made: list[str] = []
 
     def __enter__(self) -> Self:
+        reap_stale_labs()
         try:
             self._build()
         except BaseException:
