@@ -178,7 +178,8 @@ def test_freeze_keeps_the_sandbox_frozen_with_evidence(monitor: Monitor) -> None
     notes = next(f for f in bundle["workspace"] if f["path"] == "notes.txt")
     assert notes["sha256"] == hashlib.sha256(b"hello\n").hexdigest()
     assert any(e["kind"] == "exec" for e in bundle["recent_events"])
-    shutil.rmtree(Path(alert.action_result.split("evidence in ")[1]).parent, ignore_errors=True)
+    bundle_dir = Path(alert.action_result.split("evidence in ")[1]).parent
+    shutil.rmtree(bundle_dir.parent, ignore_errors=True)  # evidence/<sandbox>/<alert>
 
 
 def test_observe_mode_records_what_it_would_do(monitor: Monitor) -> None:
