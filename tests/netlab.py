@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
-from corral.enrich.proctable import pid_alive
+from corral.sensor.host import pid_alive
 
 SERVER_V4 = "192.0.2.1"
 CLIENT_V4 = "192.0.2.2"

@@ -23,6 +23,7 @@ from netlab import TestNet, assert_no_route_out
 
 from corral import events as ev
 from corral.sandbox.runner import STATE_DIR, Sandbox
+from corral.sensor.cgroups import corral_cgroup
 from corral.sensor.host import cgroup2_root
 
 CORRAL = str(Path(sys.executable).parent / "corral")
@@ -242,3 +243,13 @@ def test_a_sandbox_made_in_a_short_lived_thread_keeps_working() -> None:
     worker.join()
     with made[0] as sb:
         assert sb.exec(["echo", "alive"]).stdout == "alive\n"
+
+
+def test_cli_releases_its_hold_on_the_corral_cgroup() -> None:
+    """A corral process holds <v2root>/corral while its programs are attached there
+    (an empty holder-<pid> child); it lets go when it exits, so the last one out
+    leaves no corral directory behind."""
+    holders = lambda: {p.name for p in corral_cgroup().glob("holder-*")}  # noqa: E731
+    before = holders()
+    assert subprocess.run([CORRAL, "run", "--", "true"], timeout=60).returncode == 0
+    assert holders() == before

@@ -329,17 +329,22 @@ def entry() -> None:
 
     Detaching the sensor's ~50 tracepoint programs costs the kernel an RCU grace
     period each (~60 ms here: seconds in all), paid when their last file
-    descriptors close.  A child that inherits those descriptors, and nothing
-    else, pays it after we have exited, so the caller gets the exit status at once.
+    descriptors close.  A child that inherits those descriptors, and outlives us
+    by waiting on a pipe only we hold, pays it after we have exited, so the
+    caller gets the exit status at once.
     """
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    parent_gone, parent_alive = os.pipe()
     if os.fork() == 0:
         os.setsid()
         os.closerange(0, 3)  # whoever reads our output must not wait for this child
+        os.close(parent_alive)
+        os.read(parent_gone, 1)  # returns at our exit: the child must be the last holder
         os._exit(0)
-    os._exit(code)
+    os.close(parent_gone)
+    sys.exit(code)  # (atexit handlers run: they release the corral cgroup this process held)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any, Self
 from corral.errors import HostError
 from corral.events import DerivedEvent, DropEvent, Event, NetEvent
 from corral.sensor import host
+from corral.sensor.cgroups import attach_to_corral_cgroup
 from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map, possible_cpus
 from corral.sensor.ringbuf import RingBuffer
 
@@ -142,7 +143,7 @@ class FlowSniffer:
             maps = self._obj.maps()
             maps["flows"].set_max_entries(ring_size)
             self._obj.load()
-            self._attach(self._obj)
+            self._links = attach_to_corral_cgroup(self._obj, _PROGRAMS)
             self._ring = RingBuffer(maps["flows"].fd, ring_size)
         except LibbpfError as exc:
             self.close()
@@ -155,19 +156,6 @@ class FlowSniffer:
         self._dropped = maps["dropped"]
         self._capped = maps["capped"]
         self._ncpus = possible_cpus()
-
-    def _attach(self, obj: BpfObject) -> None:
-        cgroup = host.cgroup2_root() / "corral"
-        cgroup.mkdir(exist_ok=True)
-        programs = [p for p in obj.programs() if p.section in _PROGRAMS]
-        if {p.section for p in programs} != _PROGRAMS:
-            raise HostError(f"{obj.path} lacks some of {sorted(_PROGRAMS)}: run `make setup`")
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # a BPF link keeps the attachment; the directory fd is not needed after
-            for prog in programs:
-                self._links.append(prog.attach_cgroup(fd))
-        finally:
-            os.close(fd)
 
     def read(self, timeout: float = 0.0) -> list[FlowRecord]:
         """Records ready now, waiting up to ``timeout`` seconds for the first."""

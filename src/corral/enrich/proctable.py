@@ -41,17 +41,6 @@ class Process:
         return " ".join(self.argv) if self.argv else self.comm
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (in our pid namespace)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists; it is just not ours to signal
-    return True
-
-
 def _read_proc(pid: int) -> Process | None:
     base = Path(f"/proc/{pid}")
     try:

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError
-from corral.sensor.cgroups import cgroup_id
-from corral.sensor.host import cgroup2_root
+from corral.sensor.cgroups import CORRAL, cgroup_id, hold_corral_cgroup, reap_stale_holders, remove_if_empty
+from corral.sensor.host import cgroup2_root, pid_alive
 
-_BASE = "corral"
+_BASE = CORRAL
 _V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
 _V2_CONTROLLERS = ("cpu", "memory", "pids")
 _CPU_PERIOD_US = 100_000
@@ -112,7 +111,7 @@ def _write(file: Path, value: str, fixes: dict[int, str] | None = None) -> None:
 
 def _mkdir(path: Path, exist_ok: bool = False) -> None:
     try:
-        path.mkdir(exist_ok=exist_ok)
+        path.mkdir(parents=True, exist_ok=exist_ok)
     except OSError as e:
         raise CorralError(f"cannot create cgroup {path}: {e.strerror}; {_fix_for(e)}") from None
 
@@ -233,8 +232,9 @@ class SandboxCgroup:
 
     def __init__(self, name: str, limits: Limits) -> None:
         self._locate(name)
-        base = self.path.parent
-        _mkdir(base, exist_ok=True)
+        # Held: another process's last sandbox closing must not remove it under us
+        # (the v1 `corral` dirs have no such guard: their children are made with parents=True).
+        base = hold_corral_cgroup()
         _enable_v2_controllers(base)
         for d in self._v1_dirs():
             _mkdir(d.parent, exist_ok=True)
@@ -390,6 +390,14 @@ class SandboxCgroup:
         for d in self._dirs():
             for cg in _subtree(d):
                 _rmdir(cg)
+        _remove_empty_bases()
+
+
+def _remove_empty_bases() -> None:
+    """The `corral` directory of each hierarchy goes with the last sandbox in it (v2's is kept
+    while a corral process holds it: its programs are attached there)."""
+    for base in [*(m / _BASE for m in set(_v1_mounts().values())), cgroup2_root() / _BASE]:
+        remove_if_empty(base)
 
 
 def _kill_file(cgroup: Path) -> Path | None:
@@ -425,4 +433,6 @@ def reap_stale() -> list[str]:
         if m and not pid_alive(int(m[1])):
             SandboxCgroup._existing(name).destroy()
             reaped.append(name)
+    reap_stale_holders()
+    _remove_empty_bases()
     return reaped

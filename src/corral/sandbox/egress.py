@@ -26,6 +26,7 @@ from typing import Self
 
 from corral.errors import CorralError, HostError
 from corral.sensor import host
+from corral.sensor.cgroups import attach_to_corral_cgroup
 from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "egress.bpf.o"
@@ -137,11 +138,6 @@ def object_path() -> Path:
     return Path(os.environ.get("CORRAL_EGRESS_OBJECT", DEFAULT_OBJECT))
 
 
-def guard_cgroup() -> Path:
-    """The cgroup v2 directory the guard attaches to; sandboxes live below it."""
-    return host.cgroup2_root() / "corral"
-
-
 class EgressGuard:
     """The egress programs of one corral process and the policy of its sandboxes.
 
@@ -164,7 +160,7 @@ class EgressGuard:
         try:
             self._obj.load()
             maps = self._obj.maps()
-            self._attach(self._obj)
+            self._links = attach_to_corral_cgroup(self._obj, _PROGRAMS)
         except LibbpfError as exc:
             self.close()
             tail = "\n".join(exc.log[-25:])
@@ -178,19 +174,6 @@ class EgressGuard:
         self._counters = maps["counters"]
         self._allow = {4: maps["allow4"], 6: maps["allow6"]}
         self._deny = {4: maps["deny4"], 6: maps["deny6"]}
-
-    def _attach(self, obj: BpfObject) -> None:
-        cgroup = guard_cgroup()
-        cgroup.mkdir(exist_ok=True)
-        programs = [p for p in obj.programs() if p.section in _PROGRAMS]
-        if {p.section for p in programs} != _PROGRAMS:
-            raise HostError(f"{obj.path} lacks some of {sorted(_PROGRAMS)}: run `make setup`")
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # a BPF link keeps the attachment; the directory fd is not needed after
-            for prog in programs:
-                self._links.append(prog.attach_cgroup(fd))
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         """Detach the programs and free the maps; the sandboxes' cgroups are then unguarded."""

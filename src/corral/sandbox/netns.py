@@ -26,8 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError, HostError
+from corral.sensor.host import pid_alive
 
 PREFIX = "corral-"
 POOL = ipaddress.IPv4Network("100.64.0.0/10")

@@ -40,7 +40,6 @@ from typing import IO, Any
 from corral import events as ev
 from corral.detect.engine import SEVERITIES as SEVERITY_ORDER
 from corral.detect.engine import Alert
-from corral.enrich.proctable import pid_alive
 from corral.errors import CorralError
 from corral.monitor import HOME_ENTRIES, Monitor
 from corral.pipeline import Pipeline
@@ -53,6 +52,7 @@ from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upst
 from corral.sandbox.egress import EgressGuard, Mode, Rule
 from corral.sandbox.netns import ExistingNetns, NetNamespace
 from corral.sandbox.policy import Policy, load_policy
+from corral.sensor.host import pid_alive
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+from collections.abc import Set
 from pathlib import Path
 
-from corral.errors import CorralError
-from corral.sensor.host import cgroup2_root
+from corral.errors import CorralError, HostError
+from corral.sensor.host import cgroup2_root, pid_alive
+from corral.sensor.libbpf import BpfObject, Link
 
 
 def cgroup_id(path: str | Path) -> int:
@@ -39,14 +42,83 @@ def resolve_cgroup(path: str) -> Path:
     return p
 
 
+#: Every cgroup corral makes lives below this directory of each hierarchy.
+CORRAL = "corral"
+_held_by_us = False
+
+
+def corral_cgroup() -> Path:
+    """<v2root>/corral: sandboxes' cgroups live below it, corral's cgroup programs attach to it."""
+    return cgroup2_root() / CORRAL
+
+
+def hold_corral_cgroup() -> Path:
+    """Make <v2root>/corral and keep it while this process has programs attached there.
+
+    An empty child ``holder-<pid>`` stops another sandbox's cleanup from
+    removing the directory (and with it our attachment) while we run; it is
+    released at exit, and reap_stale_holders() removes those of dead processes.
+    """
+    global _held_by_us
+    base = corral_cgroup()
+    base.mkdir(exist_ok=True)
+    if not _held_by_us:
+        (base / f"holder-{os.getpid()}").mkdir(exist_ok=True)
+        atexit.register(release_corral_cgroup)
+        _held_by_us = True
+    return base
+
+
+def attach_to_corral_cgroup(obj: BpfObject, sections: Set[str]) -> list[Link]:
+    """Attach the object's programs of these sections (cgroup hooks) to <v2root>/corral,
+    where they see every sandbox's processes and sockets; held as hold_corral_cgroup says."""
+    programs = [p for p in obj.programs() if p.section in sections]
+    if {p.section for p in programs} != sections:
+        raise HostError(f"{obj.path} lacks some of {sorted(sections)}: run `make setup`")
+    links: list[Link] = []
+    fd = os.open(hold_corral_cgroup(), os.O_RDONLY | os.O_DIRECTORY)
+    try:  # a BPF link keeps the attachment; the directory fd is not needed after
+        for prog in programs:
+            links.append(prog.attach_cgroup(fd))
+    except BaseException:
+        for link in links:
+            link.destroy()
+        raise
+    finally:
+        os.close(fd)
+    return links
+
+
+def release_corral_cgroup() -> None:
+    """Drop this process's hold on <v2root>/corral and remove it if nothing else is there."""
+    global _held_by_us
+    if _held_by_us:
+        remove_if_empty(corral_cgroup() / f"holder-{os.getpid()}")
+        _held_by_us = False
+    remove_if_empty(corral_cgroup())
+
+
+def reap_stale_holders() -> None:
+    """Remove the holds of corral processes that died without releasing them."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in corral_cgroup().glob("holder-*"):
+            pid = entry.name.removeprefix("holder-")
+            if pid.isdigit() and not pid_alive(int(pid)):
+                remove_if_empty(entry)
+
+
+def remove_if_empty(cgroup: Path) -> None:
+    """rmdir a cgroup unless it still has children or processes (or is gone already)."""
+    with contextlib.suppress(OSError):  # ENOTEMPTY, EBUSY, ENOENT: not ours to remove now
+        cgroup.rmdir()
+
+
 class ScratchCgroup:
     """A fresh cgroup v2 directory to run something in, removed when done."""
 
     def __init__(self, name: str) -> None:
-        base = cgroup2_root() / "corral"
-        base.mkdir(exist_ok=True)
-        self.path = base / name
-        self.path.mkdir()
+        self.path = corral_cgroup() / name
+        self.path.mkdir(parents=True)  # (parents: another process may just have removed an empty corral/)
         self.id = cgroup_id(self.path)
 
     def add(self, pid: int) -> None:
@@ -63,3 +135,4 @@ class ScratchCgroup:
                 parent_procs.write_text(f"{pid}\n")
         with contextlib.suppress(FileNotFoundError):
             self.path.rmdir()
+        remove_if_empty(self.path.parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,17 @@ def cgroup2_root() -> Path:
             return Path(mountpoint)
     raise HostError("no cgroup v2 hierarchy is mounted: corral scopes its programs by cgroup v2 id; "
                     "mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (in our pid namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it is just not ours to signal
+    return True
 
 
 def tracepoint_exists(category: str, name: str) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from corral import events as ev
 from corral.detect.detectors._common import NS, Lru, StepKey, step_key
-from corral.enrich.proctable import pid_alive
+from corral.sensor.host import pid_alive
 
 
 class _Step:
