@@ -57,10 +57,9 @@ import _bench
 
 from corral.sandbox import cgroups, fs
 from corral.sandbox.netns import NetNamespace
-from corral.sandbox.runner import STATE_DIR
+from corral.sandbox.runner import STATE_DIR, start_holder
 
 TARGET = 1.03  # at most 3% more wall time, median
-HOLDER_TIMEOUT_S = 10.0
 STEP_POLL_S = 0.05  # as Sandbox.exec
 
 
@@ -323,30 +322,6 @@ def fresh_copy(src: Path, dest: Path) -> Path:
 
 # -- (a) contained only -----------------------------------------------------------------------------
 
-def _join_cgroup(procs_files: list[Path]) -> Callable[[], None]:
-    paths = [str(p) for p in procs_files]
-
-    def join() -> None:  # as the sandbox runner does: into the step cgroup, root's groups dropped
-        pid = str(os.getpid()).encode()
-        for path in paths:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        os.setgroups([])
-
-    return join
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return [x for c in children for x in (c, *_descendants(c))]
-
-
 class Contained:
     """A sandbox's containment without anything of the monitor (see the module docstring)."""
 
@@ -370,33 +345,15 @@ class Contained:
         stack.callback(self.netns.destroy)
         self.layout = fs.FsLayout(workspace=workspace, home=state / "home", etc_dir=state / "etc")
         fs.prepare_dirs(self.layout)
-        holder_cg = self.cgroup.new_step(0)
-        argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"])
-        holder = subprocess.Popen(argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        holder, self.holder_pid = start_holder(self.netns.exec_prefix(), self.layout, self.cgroup.new_step(0))
         stack.callback(_bench.kill_and_reap, holder)
-        self.holder_pid = self._wait_for_sleeper(holder)
         self.step = 0
-
-    @staticmethod
-    def _wait_for_sleeper(holder: subprocess.Popen[bytes]) -> int:
-        deadline = time.monotonic() + HOLDER_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if holder.poll() is not None:
-                err = holder.stderr.read().decode(errors="replace") if holder.stderr else ""
-                raise RuntimeError(f"the contained sandbox did not start: {err.strip()}")
-            for pid in _descendants(holder.pid):
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
-                        return pid
-            time.sleep(0.005)
-        raise RuntimeError("the contained sandbox did not start in time")
 
     def exec(self, command: str) -> tuple[int, str]:
         self.step += 1
         step_cg = self.cgroup.new_step(self.step)
         full = fs.enter_argv(self.holder_pid, ["/bin/sh", "-c", command])
-        proc = subprocess.Popen(full, preexec_fn=_join_cgroup(step_cg.procs_files()), text=True,
+        proc = subprocess.Popen(full, preexec_fn=step_cg.joiner(), text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             while True:

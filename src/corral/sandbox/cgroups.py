@@ -219,6 +219,23 @@ class StepCgroup:
         for file in self.procs_files():
             _write(file, str(pid))
 
+    def joiner(self) -> Callable[[], None]:
+        """A preexec_fn: moves the child into this step (every hierarchy) and drops
+        root's supplementary groups, before anything of the sandbox runs."""
+        paths = [str(p) for p in self.procs_files()]
+
+        def join() -> None:  # between fork and exec: plain os calls only
+            pid = str(os.getpid()).encode()
+            for path in paths:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+            os.setgroups([])
+
+        return join
+
     def pids(self) -> list[int]:
         return _procs(self.path)
 

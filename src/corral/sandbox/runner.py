@@ -288,15 +288,8 @@ class Sandbox:
             self.exec_guard.bind_cgroup(holder_cg.id, self.id)
         self._stack.callback(self.pipeline.unwatch, holder_cg.id)
         self.guard.bind_cgroup(holder_cg.id, self.id)
-        argv = self.netns.exec_prefix() + fs.sandbox_argv(self.layout, ["sleep", "infinity"], self._env)
-        # Started from a thread that lives as long as this process: bwrap's
-        # --die-with-parent (PR_SET_PDEATHSIG) follows the *thread* that forked it,
-        # and a sandbox made in a short-lived worker thread would lose its holder.
-        holder = _spawner.submit(subprocess.Popen, argv, preexec_fn=_join_cgroup(holder_cg.procs_files()),
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE).result()
+        holder, self._holder_pid = start_holder(self.netns.exec_prefix(), self.layout, holder_cg, self._env)
         self._stack.callback(_end, holder)
-        self._holder_pid = _wait_for_sleeper(holder)
 
     def close(self) -> None:
         """Kill everything in the sandbox and remove all it made. Safe to call twice."""
@@ -350,7 +343,7 @@ class Sandbox:
         self.guard.bind_cgroup(step_cg.id, self.id)
         full = fs.enter_argv(self._holder_pid, argv, self._env)
         pipe = subprocess.PIPE if capture else None
-        proc = subprocess.Popen(full, preexec_fn=_join_cgroup(step_cg.procs_files()), text=True,
+        proc = subprocess.Popen(full, preexec_fn=step_cg.joiner(), text=True,
                                 stdin=subprocess.PIPE if input is not None else (None if not capture else
                                                                                   subprocess.DEVNULL),
                                 stdout=pipe, stderr=pipe)
@@ -520,22 +513,24 @@ def _owner_ids(workdir: Path | None) -> tuple[int, int] | None:
     return (st.st_uid, st.st_gid) if st.st_uid > 0 and st.st_gid > 0 else None
 
 
-def _join_cgroup(procs_files: list[Path]) -> Callable[[], None]:
-    """A preexec_fn: move the child into its step cgroup (every hierarchy) and
-    drop root's supplementary groups before anything of the sandbox runs."""
-    paths = [str(p) for p in procs_files]
+def start_holder(netns_prefix: Sequence[str], layout: fs.FsLayout, cgroup: cgroups.StepCgroup,
+                 env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the process that holds a sandbox's namespaces (`sleep infinity`
+    under bwrap) in `cgroup`; returns it and the host pid of its sleeper, the
+    process steps enter (fs.enter_argv).
 
-    def join() -> None:
-        pid = str(os.getpid()).encode()
-        for path in paths:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        os.setgroups([])
-
-    return join
+    Started from a thread that lives as long as this process: bwrap's
+    --die-with-parent (PR_SET_PDEATHSIG) follows the *thread* that forked it,
+    and a sandbox made in a short-lived worker thread would lose its holder.
+    """
+    argv = [*netns_prefix, *fs.sandbox_argv(layout, ["sleep", "infinity"], env)]
+    holder = _spawner.submit(subprocess.Popen, argv, preexec_fn=cgroup.joiner(), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).result()
+    try:
+        return holder, _wait_for_sleeper(holder)
+    except BaseException:
+        _end(holder)
+        raise
 
 
 def _wait_for_sleeper(holder: subprocess.Popen[bytes]) -> int:
