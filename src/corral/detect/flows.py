@@ -32,7 +32,7 @@ from corral.errors import HostError
 from corral.events import DerivedEvent, DropEvent, Event, NetEvent
 from corral.sensor import host
 from corral.sensor.cgroups import attach_to_corral_cgroup
-from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map, possible_cpus
+from corral.sensor.libbpf import BpfObject, LibbpfError, Link
 from corral.sensor.ringbuf import RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "flows.bpf.o"
@@ -155,7 +155,6 @@ class FlowSniffer:
             raise
         self._dropped = maps["dropped"]
         self._capped = maps["capped"]
-        self._ncpus = possible_cpus()
 
     def read(self, timeout: float = 0.0) -> list[FlowRecord]:
         """Records ready now, waiting up to ``timeout`` seconds for the first."""
@@ -181,19 +180,15 @@ class FlowSniffer:
         if self._ring is not None:
             self._ring.wake()
 
-    def _sum(self, counter_map: Map) -> int:
-        raw = counter_map.lookup(b"\0\0\0\0", 8 * self._ncpus)
-        return sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)) if raw else 0
-
     @property
     def dropped(self) -> int:
         """Flows lost because the ring buffer was full (each is retried on its next packet)."""
-        return self._sum(self._dropped)
+        return self._dropped.sum_per_cpu()
 
     @property
     def capped(self) -> int:
         """UDP remotes not reported: their socket had already shown 64 in that direction."""
-        return self._sum(self._capped)
+        return self._capped.sum_per_cpu()
 
     def check_drops(self) -> DropEvent | None:
         """A drop event if the kernel lost flow records since the last check."""

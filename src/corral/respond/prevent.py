@@ -40,7 +40,7 @@ from typing import Self
 
 from corral.errors import CorralError, HostError
 from corral.sensor import host
-from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map, possible_cpus
+from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map
 from corral.sensor.ringbuf import RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "prevent.bpf.o"
@@ -173,7 +173,6 @@ class ExecGuard:
         self._names = maps["deny_names"]
         self._paths = maps["deny_paths"]
         self._dropped = maps["dropped"]
-        self._ncpus = possible_cpus()
 
     def close(self) -> None:
         """Detach the programs and free the maps; nothing is denied any more."""
@@ -391,8 +390,7 @@ class ExecGuard:
     def dropped(self) -> int:
         """Reports lost because the ring was full (the execs were still denied)."""
         with self._open():
-            raw = self._dropped.lookup(b"\0\0\0\0", 8 * self._ncpus)
-        return sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)) if raw else 0
+            return self._dropped.sum_per_cpu()
 
 
 __all__ = ["DEFAULT_EXEC_DENY", "DeniedExec", "DenyKind", "ExecDenyList", "ExecGuard"]

@@ -170,6 +170,11 @@ class Map:
             self._lb.check_rc(rc, f"lookup in map {self.name}")
         return out.raw
 
+    def sum_per_cpu(self, key: bytes = b"\0\0\0\0") -> int:
+        """The sum over CPUs of a per-CPU u64 (a PERCPU_ARRAY counter, such as a drop count)."""
+        raw = self.lookup(key, 8 * possible_cpus())
+        return sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)) if raw else 0
+
     def delete(self, key: bytes) -> bool:
         rc = self._lb.lib.bpf_map_delete_elem(self.fd, key)
         if rc < 0:

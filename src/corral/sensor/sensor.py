@@ -11,7 +11,7 @@ from corral import events as ev
 from corral.errors import CorralError, HostError
 from corral.sensor import host, records
 from corral.sensor.cgroups import cgroup_id, cgroup_of_pid
-from corral.sensor.libbpf import BpfObject, LibbpfError, Link, possible_cpus
+from corral.sensor.libbpf import BpfObject, LibbpfError, Link
 from corral.sensor.ringbuf import Decoder, RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "sensor.bpf.o"
@@ -76,7 +76,6 @@ class Sensor:
         self._prefixes = maps["watched_prefixes"]
         self._inodes = maps["watched_inodes"]
         self._dropped = maps["dropped"]
-        self._ncpus = possible_cpus()
         self.ring = RingBuffer(maps["events"].fd, ring_size)
         self.drops_total = 0
         self.bad_records = 0
@@ -216,8 +215,7 @@ class Sensor:
 
     def check_drops(self) -> ev.DropEvent | None:
         """A drop event if the kernel lost records since the last check."""
-        raw = self._dropped.lookup(b"\0\0\0\0", 8 * self._ncpus)
-        total = sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)) if raw else 0
+        total = self._dropped.sum_per_cpu()
         if total <= self.drops_total:
             return None
         event = ev.DropEvent.make(total - self.drops_total, total)
