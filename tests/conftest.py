@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,31 @@ def monitor() -> Iterator[Monitor]:
         pytest.skip("the sensor tests need root")
     with Monitor() as mon:
         yield mon
+
+
+@pytest.fixture
+def tcp_listener() -> Iterator[socket.socket]:
+    """A listener on 127.0.0.1 that accepts and closes connections in the background."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def accept_loop() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept_loop, daemon=True)
+    t.start()
+    yield srv
+    stop.set()
+    t.join()
+    srv.close()
 
 
 @dataclass

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,29 +339,6 @@ def test_example_resolver_conventions() -> None:
 
 
 # ---------------------------------------------------------- live events from the sensor
-
-
-@pytest.fixture
-def tcp_listener() -> Iterator[socket.socket]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    stop = threading.Event()
-
-    def accept_loop() -> None:
-        srv.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                srv.accept()[0].close()
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept_loop, daemon=True)
-    t.start()
-    yield srv
-    stop.set()
-    t.join()
-    srv.close()
 
 
 def holds(registry: FieldRegistry, event: ev.Event, condition: str) -> bool:

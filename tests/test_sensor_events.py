@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,31 +16,6 @@ from conftest import python, run_in_cgroup
 
 from corral import events as ev
 from corral.monitor import Monitor
-
-
-@pytest.fixture
-def tcp_listener() -> Iterator[socket.socket]:
-    """A listener on 127.0.0.1 that accepts and closes connections in the background."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    stop = threading.Event()
-
-    def accept_loop() -> None:
-        srv.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-                conn.close()
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept_loop, daemon=True)
-    t.start()
-    yield srv
-    stop.set()
-    t.join()
-    srv.close()
 
 
 @pytest.fixture
