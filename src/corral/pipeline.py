@@ -56,7 +56,9 @@ class Pipeline(threading.Thread):
         self._launching: dict[int, bool] = {}  # cgroup id -> forever (the holder's)
         self._listeners: dict[int, _Listener] = {}
         self._lock = threading.Lock()
-        self._inbox: queue.SimpleQueue[ev.Event | tuple[int, int]] = queue.SimpleQueue()
+        # What other threads hand the pipeline thread: events to detect on, and
+        # work on the engine (which only this thread touches).
+        self._inbox: queue.SimpleQueue[ev.Event | Callable[[], None]] = queue.SimpleQueue()
         self._idle = threading.Condition()
         self._rounds = 0
         self._held: list[tuple[float, FlowRecord]] = []
@@ -71,15 +73,19 @@ class Pipeline(threading.Thread):
             self._listeners[sandbox_id] = _Listener(listener_event, listener_alert, poll)
 
     def remove_sandbox(self, sandbox_id: int) -> None:
-        """Report what was folded for it, then forget it."""
-        self.flush()
+        """Report what was folded for it, then forget it (call flush() first if its
+        last events matter: the runner does, before it unwatches the steps)."""
         with self._lock:
             listener = self._listeners.pop(sandbox_id, None)
             self._scopes = {c: s for c, s in self._scopes.items() if s[0] != sandbox_id}
-        if listener is not None:
+
+        def report_folds() -> None:
             for alert in self.engine.flush_folds(sandbox_id=sandbox_id):
-                listener.on_alert(alert)
-        self.engine.context.remove_sandbox(sandbox_id)
+                if listener is not None:
+                    listener.on_alert(alert)
+            self.engine.context.remove_sandbox(sandbox_id)
+
+        self._in_pipeline_thread(report_folds)
 
     def watch(self, cgroup_id: int, sandbox_id: int, step: int, *, infrastructure: bool = False) -> None:
         """Report what processes in this cgroup do, as this sandbox's step.
@@ -105,8 +111,25 @@ class Pipeline(threading.Thread):
         self.monitor.sensor.ring.wake()
 
     def step_ended(self, sandbox_id: int, step: int) -> None:
-        self._inbox.put((sandbox_id, step))
+        self._inbox.put(lambda: self.engine.step_ended(sandbox_id, step))
         self.monitor.sensor.ring.wake()
+
+    def _in_pipeline_thread(self, work: Callable[[], None], timeout: float = 5.0) -> None:
+        """Run `work` in the pipeline thread and wait for it (inline if that thread is gone)."""
+        if not self.is_alive() or threading.current_thread() is self:
+            work()
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                done.set()
+
+        self._inbox.put(run)
+        self.monitor.sensor.ring.wake()
+        done.wait(timeout)
 
     def flush(self, timeout: float = 1.0) -> None:
         """Wait until everything the kernel has written so far went through."""
@@ -147,8 +170,8 @@ class Pipeline(threading.Thread):
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self._inbox.get_nowait()
-                if isinstance(item, tuple):
-                    self.engine.step_ended(*item)
+                if callable(item):
+                    item()
                 else:
                     self._handle(item, listeners)
         now = time.monotonic()
