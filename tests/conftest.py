@@ -22,6 +22,19 @@ from corral.sensor.cgroups import ScratchCgroup
 _counter = itertools.count(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`corral run` and Sandboxes record into the store: the tests' go to a store of their own."""
+    path = tmp_path_factory.mktemp("corral-data")
+    old = os.environ.get("CORRAL_DATA")
+    os.environ["CORRAL_DATA"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CORRAL_DATA"]
+    else:
+        os.environ["CORRAL_DATA"] = old
+
+
 @pytest.fixture(scope="session")
 def monitor() -> Iterator[Monitor]:
     if os.geteuid() != 0:

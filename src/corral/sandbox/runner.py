@@ -53,6 +53,7 @@ from corral.sandbox.egress import EgressGuard, Mode, Rule
 from corral.sandbox.netns import ExistingNetns, NetNamespace
 from corral.sandbox.policy import Policy, load_policy
 from corral.sensor.host import pid_alive
+from corral.store import Recorder
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
 DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace
@@ -145,7 +146,7 @@ class Sandbox:
                  episode: str | None = None, dns_upstream: tuple[str, int] | None = None,
                  env: Mapping[str, str] | None = None, host_uid: int = 65534, host_gid: int = 65534,
                  alerts_path: str | Path | None = None, rules: Sequence[str | Path] = (),
-                 on_alert: Callable[[Alert], None] | None = None) -> None:
+                 on_alert: Callable[[Alert], None] | None = None, recorder: Recorder | None = None) -> None:
         base = policy if isinstance(policy, Policy) else load_policy(policy)
         memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
         self.policy = base.merged(allow=tuple(allow), allow_domains=tuple(allow_domains), mode=mode, cpus=cpus,
@@ -162,6 +163,7 @@ class Sandbox:
         self._alerts_path = Path(alerts_path) if alerts_path else None
         self._rule_paths = tuple(Path(r) for r in rules)
         self._alert_hook = on_alert
+        self._recorder = recorder
         self._netns_name = netns
         self._workdir = Path(workdir).resolve() if workdir else None
         self._monitor = monitor
@@ -214,6 +216,12 @@ class Sandbox:
             self._alerts_file = open(self._alerts_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
             stack.callback(self._alerts_file.close)
 
+        if self._recorder is not None:
+            self._recorder.sandbox_started(self.name, episode=self.episode, policy=self.policy.name,
+                                           mode=self.policy.mode, limits={
+                                               "cpus": self.policy.cpus, "memory_bytes": self.policy.memory_bytes,
+                                               "pids": self.policy.pids})
+            stack.callback(self._recorder.state, self.name, "stopped")  # runs last: the stack unwinds LIFO
         self.cgroup = cgroups.SandboxCgroup(self.name, cgroups.Limits(
             cpus=self.policy.cpus, memory_bytes=self.policy.memory_bytes, pids=self.policy.pids))
         stack.callback(self.cgroup.destroy)
@@ -341,6 +349,8 @@ class Sandbox:
             self.exec_guard.bind_cgroup(step_cg.id, self.id)
         self._stack.callback(self.pipeline.unwatch, step_cg.id)
         self.guard.bind_cgroup(step_cg.id, self.id)
+        if self._recorder is not None:
+            self._recorder.step_started(self.name, number, " ".join(argv))
         full = fs.enter_argv(self._holder_pid, argv, self._env)
         pipe = subprocess.PIPE if capture else None
         proc = subprocess.Popen(full, preexec_fn=step_cg.joiner(), text=True,
@@ -370,9 +380,11 @@ class Sandbox:
         except BaseException:
             _end(proc)
             raise
-        code = proc.returncode
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         self.pipeline.step_ended(self.id, number)
-        return Result(code if code >= 0 else 128 - code, out or "", err or "", number)
+        if self._recorder is not None:
+            self._recorder.step_ended(self.name, number, code)
+        return Result(code, out or "", err or "", number)
 
     def flush_events(self) -> None:
         """Wait until the events (and alerts) of what has run so far were delivered."""
@@ -386,6 +398,8 @@ class Sandbox:
         if recent is None:
             recent = self._recent[event.step_id] = deque(maxlen=RECENT_PER_STEP)
         recent.append(event)
+        if self._recorder is not None:
+            self._recorder.event(self.name, event)
         if self._events_file is not None:
             record = event.to_dict()
             record["sandbox"] = self.name
@@ -408,6 +422,9 @@ class Sandbox:
         bundle = evidence.collect(STATE_DIR / "evidence" / self.name / alert.id, alert, pids,
                                   {pid: _step_of(pid) for pid in pids}, self._recent.get(alert.step, ()),
                                   itertools.chain.from_iterable(self._recent.values()), self.workspace)
+        if self._recorder is not None:
+            self._recorder.state(self.name, "frozen")
+            self._recorder.evidence(self.name, alert.id, str(bundle))
         self.frozen = True  # only now: a step waiting on the sandbox may return, and release() it
         return bundle
 
@@ -415,6 +432,8 @@ class Sandbox:
         """Thaw a sandbox frozen by a `freeze` action; steps can run again."""
         self.cgroup.thaw()
         self.frozen = False
+        if self._recorder is not None:
+            self._recorder.state(self.name, "running")
 
     def verdict(self) -> dict[str, Any]:
         """The episode's summary, for an RL trainer or a safety dataset.
@@ -463,8 +482,11 @@ class Sandbox:
     def _on_alert(self, alert: Alert) -> None:
         respond(alert, self)
         self.alerts.append(alert)
+        record = alert.to_dict()
+        if self._recorder is not None:
+            self._recorder.alert(record)
         if self._alerts_file is not None:
-            self._alerts_file.write(json.dumps(alert.to_dict()) + "\n")
+            self._alerts_file.write(json.dumps(record) + "\n")
         if self._alert_hook is not None:
             self._alert_hook(alert)
 
