@@ -113,7 +113,7 @@ def test_locked_database_is_an_error_not_a_hang(tmp_path: Path, monkeypatch: pyt
 
 def test_unwritable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(StoreError, match="cannot make the data directory .* pass --data DIR"):
+    with pytest.raises(StoreError, match=r"cannot make the data directory .* pass --data DIR"):
         open_store(tmp_path / "file" / "data")
 
 

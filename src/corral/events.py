@@ -46,10 +46,15 @@ def wall_time_ns(boot_ns: int) -> int:
     return boot_ns + _CLOCK_OFFSET_NS
 
 
+_last_second: list[Any] = [None, ""]  # events come in time order: one cached second saves a strftime each
+
+
 def rfc3339(wall_ns: int) -> str:
     """RFC 3339 in UTC with microseconds."""
     secs, ns = divmod(wall_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1000:06d}Z"
+    if _last_second[0] != secs:
+        _last_second[:] = [secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))]
+    return f"{_last_second[1]}.{ns // 1000:06d}Z"
 
 
 def _cstr(raw: bytes) -> str:
@@ -125,11 +130,12 @@ class Event:
         return wall_time_ns(self.ts_ns)
 
     def to_dict(self) -> dict[str, Any]:
+        t = self._t  # read the tuple directly: this runs for every event the store records
         out: dict[str, Any] = {
-            "kind": self.kind, "time": rfc3339(self.time_ns), "ts_ns": self.ts_ns,
-            "pid": self.pid, "tid": self.tid, "ppid": self.ppid, "uid": self.uid,
-            "comm": self.comm, "cgroup_id": self.cgroup_id,
-            "sandbox_id": self.sandbox_id, "step_id": self.step_id,
+            "kind": KIND_NAMES.get(t[2], "unknown"), "time": rfc3339(wall_time_ns(t[0])), "ts_ns": int(t[0]),
+            "pid": int(t[3]), "tid": int(t[4]), "ppid": int(t[5]), "uid": int(t[6]),
+            "comm": _cstr(t[9]), "cgroup_id": int(t[1]),
+            "sandbox_id": int(t[7]), "step_id": int(t[8]),
         }
         for name in self.FIELDS:
             out[name] = getattr(self, name)

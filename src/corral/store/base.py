@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.errors import CorralError
 
@@ -17,9 +16,9 @@ class StoreError(CorralError):
     """The store cannot be opened, read or written; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class EventRow:
-    """One event as stored: the columns queries filter on, and the whole event as JSON."""
+class EventRow(NamedTuple):
+    """One event as stored: the columns queries filter on, and the whole event as JSON.
+    (A tuple: the batch goes to the database as it is.)"""
 
     sandbox: str
     step: int
@@ -79,7 +78,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def sandboxes(self, *, state: str | None = None, episode: str | None = None) -> list[dict[str, Any]]:
-        """Sandboxes, oldest first, each with its alert count and worst severity."""
+        """Sandboxes, oldest first, each with its step count, alert count and worst severity."""
 
     @abc.abstractmethod
     def sandbox(self, name: str) -> dict[str, Any] | None:
@@ -92,12 +91,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def events(self, *, sandbox: str | None = None, kinds: Sequence[str] = (), after: int = 0,
                limit: int = 1000) -> list[dict[str, Any]]:
-        """Events (the stored JSON plus seq), oldest first."""
+        """Events (the stored JSON plus seq and sandbox), oldest first, after `after`."""
 
     @abc.abstractmethod
     def alerts(self, *, sandbox: str | None = None, episode: str | None = None, since_ns: int | None = None,
                min_severity: str | None = None, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Alerts (Alert.to_dict() plus seq), oldest first."""
+        """Alerts (Alert.to_dict() plus seq), oldest first: the `limit` after `after` when it is
+        given (to follow), else the newest `limit`."""
 
     @abc.abstractmethod
     def evidence(self, sandbox: str) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from corral import events as ev
 from corral.store.base import EventRow, Store, StoreError
 
@@ -174,5 +176,8 @@ class Recorder:
 
 
 def _row(sandbox: str, e: ev.Event) -> EventRow:
-    return EventRow(sandbox, e.step_id, e.time_ns, e.kind, e.pid, e.ppid, e.comm,
-                    json.dumps(e.to_dict(), default=str))
+    # orjson: the JSON of an event is most of the cost of recording it (json.dumps is 5x slower).
+    data = e.to_dict()
+    return EventRow(sandbox, data["step_id"], ev.wall_time_ns(data["ts_ns"]), data["kind"], data["pid"],
+                    data["ppid"], data["comm"],
+                    orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS).decode())

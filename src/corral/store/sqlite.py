@@ -37,7 +37,6 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, sandbox TEXT NOT NULL, step INTEGER, time_ns INTEGER NOT NULL,
     kind TEXT NOT NULL, pid INTEGER, ppid INTEGER, comm TEXT, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_sandbox ON events (sandbox, seq);
-CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
 CREATE TABLE IF NOT EXISTS alerts (
     seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, sandbox TEXT, episode TEXT, step INTEGER,
     time_ns INTEGER NOT NULL, rule TEXT, severity TEXT, category TEXT, data TEXT NOT NULL);
@@ -107,6 +106,8 @@ class SqliteStore(Store):
                 raise StoreError(f"cannot write the store {self.path} ({text}); pass --data DIR with a "
                                  "directory you can write") from e
             raise StoreError(f"the store {self.path} failed ({doing}): {text}") from e
+        except OverflowError as e:  # an integer argument past SQLite's 64 bits (a time in the year 2300)
+            raise StoreError(f"a value is out of range for the store ({doing}): {e}") from e
         except sqlite3.DatabaseError as e:
             raise StoreError(f"the store {self.path} is corrupt or not a corral database ({e}): move it "
                              "away (corral starts a new one) or pass --data DIR") from e
@@ -163,8 +164,7 @@ class SqliteStore(Store):
             return
         with self._write("recording events") as db:
             db.executemany("INSERT INTO events (sandbox, step, time_ns, kind, pid, ppid, comm, data)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(r.sandbox, r.step, r.time_ns, r.kind, r.pid, r.ppid, r.comm, r.data) for r in rows])
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_alert(self, alert: dict[str, Any]) -> None:
         with self._write("recording an alert") as db:
@@ -183,13 +183,25 @@ class SqliteStore(Store):
         removed = 0
         with self._write("pruning old events") as db:
             if max_age_s is not None:
-                newest = db.execute("SELECT max(time_ns) FROM events").fetchone()[0]
-                if newest is not None:
-                    cut = newest - int(max_age_s * 1e9)
-                    removed += db.execute("DELETE FROM events WHERE time_ns < ?", (cut,)).rowcount
+                removed += self._prune_by_age(db, max_age_s)
             if max_bytes is not None:
                 removed += self._prune_to_size(db, max_bytes)
         return removed
+
+    @staticmethod
+    def _prune_by_age(db: sqlite3.Connection, max_age_s: float) -> int:
+        """Delete the events older than max_age_s before the newest one.
+
+        Events are written in the order they happened, so seq follows time: the
+        first young event is found by scanning from the oldest (what is scanned is
+        what goes), and everything before it is deleted by its primary key.  This
+        saves keeping a time index up to date on every insert."""
+        newest = db.execute("SELECT time_ns FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if newest is None:
+            return 0
+        cut = newest[0] - int(max_age_s * 1e9)
+        first_kept = db.execute("SELECT seq FROM events WHERE time_ns >= ? ORDER BY seq LIMIT 1", (cut,)).fetchone()
+        return db.execute("DELETE FROM events WHERE seq < ?", (first_kept[0],)).rowcount
 
     @staticmethod
     def _prune_to_size(db: sqlite3.Connection, max_bytes: int) -> int:
@@ -211,7 +223,9 @@ class SqliteStore(Store):
 
     def sandboxes(self, *, state: str | None = None, episode: str | None = None) -> list[dict[str, Any]]:
         where, args = _where(("state = ?", state), ("episode = ?", episode))
-        rows = self._query("listing sandboxes", f"SELECT * FROM sandboxes {where} ORDER BY created_ns", args)
+        rows = self._query("listing sandboxes",
+                           f"SELECT s.*, (SELECT count(*) FROM steps WHERE steps.sandbox = s.name) AS steps "
+                           f"FROM sandboxes s {where} ORDER BY created_ns", args)
         counts: dict[str, dict[str, int]] = {}
         for r in self._query("counting alerts", "SELECT sandbox, severity, count(*) AS n FROM alerts "
                                                 "GROUP BY sandbox, severity"):
@@ -219,7 +233,8 @@ class SqliteStore(Store):
         return [_sandbox(r, counts.get(r["name"], {})) for r in rows]
 
     def sandbox(self, name: str) -> dict[str, Any] | None:
-        rows = self._query("reading a sandbox", "SELECT * FROM sandboxes WHERE name = ?", (name,))
+        rows = self._query("reading a sandbox", "SELECT s.*, (SELECT count(*) FROM steps WHERE steps.sandbox = "
+                                                "s.name) AS steps FROM sandboxes s WHERE name = ?", (name,))
         if not rows:
             return None
         counts = {r["severity"]: r["n"] for r in self._query(
@@ -238,9 +253,9 @@ class SqliteStore(Store):
         if kind_sql:
             where += f" AND {kind_sql}"
             args.extend(kinds)
-        rows = self._query("reading events", f"SELECT seq, data FROM events {where} ORDER BY seq LIMIT ?",
+        rows = self._query("reading events", f"SELECT seq, sandbox, data FROM events {where} ORDER BY seq LIMIT ?",
                            [*args, limit])
-        return [{"seq": r["seq"], **json.loads(r["data"])} for r in rows]
+        return [{"seq": r["seq"], "sandbox": r["sandbox"], **json.loads(r["data"])} for r in rows]
 
     def alerts(self, *, sandbox: str | None = None, episode: str | None = None, since_ns: int | None = None,
                min_severity: str | None = None, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
@@ -254,9 +269,11 @@ class SqliteStore(Store):
         if severities:
             where += f" AND severity IN ({', '.join('?' * len(severities))})"
             args.extend(severities)
-        # The newest `limit`, returned oldest first.
+        # A follower (after > 0) pages forward through everything after its last seq; a first look
+        # (after = 0) gets the newest `limit`.  Oldest first either way.
+        newest_first = "DESC" if after == 0 else "ASC"
         rows = self._query("reading alerts", f"SELECT * FROM (SELECT seq, data FROM alerts {where} "
-                                             "ORDER BY seq DESC LIMIT ?) ORDER BY seq", [*args, limit])
+                                             f"ORDER BY seq {newest_first} LIMIT ?) ORDER BY seq", [*args, limit])
         return [{"seq": r["seq"], **json.loads(r["data"])} for r in rows]
 
     def evidence(self, sandbox: str) -> list[dict[str, Any]]:
