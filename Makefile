@@ -14,12 +14,21 @@ BPF_OBJS := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(wildcard bpf/*.bpf.c))
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool bubblewrap iproute2 nftables procps \
 	socat nmap ncat openssh-server openssh-client curl python3-venv python3-dev python3-pip git gcc make
 
-.PHONY: setup deps mounts demo test lint bench clean
+# Only the tests need a browser (the web console is tested in a real headless Chromium).
+TEST_APT_PACKAGES := chromium
+
+.PHONY: setup deps test-deps apt-install mounts demo test lint bench clean
 
 setup: deps $(VENV)/.installed $(BPF_OBJS) mounts
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+	@$(MAKE) -s apt-install PACKAGES="$(APT_PACKAGES)"
+
+test-deps:
+	@$(MAKE) -s apt-install PACKAGES="$(TEST_APT_PACKAGES)"
+
+apt-install:
+	@missing=$$(for p in $(PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "setup: installing Debian packages:" $$missing; \
@@ -57,7 +66,7 @@ lint: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
-test: lint
+test: lint test-deps
 	@$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 bench: setup

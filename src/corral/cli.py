@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TextIO
 
 from corral import events as ev
+from corral.console.cli import add_daemon_parsers
+from corral.console.queries import add_query_parsers
 from corral.detect.engine import Alert
 from corral.drills.cli import add_drill_parsers
 from corral.errors import CorralError
@@ -185,8 +187,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     from corral.respond.sinks import make_sink
     from corral.sandbox.runner import STATE_DIR
+    from corral.store import Recorder, open_store
 
     sinks = [make_sink(spec, STATE_DIR) for spec in args.sink]
+    recorder = Recorder(open_store(args.data))
 
     def on_alert(alert: Alert) -> None:
         print(alert.line(), file=sys.stderr, flush=True)
@@ -197,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sandbox = Sandbox(args.policy, mode=args.mode, netns=args.netns, workdir=args.workdir, allow=args.allow,
                       allow_domains=args.allow_domain, cpus=args.cpus, memory=args.memory, pids=args.pids,
                       events_path=args.events, alerts_path=args.alerts, episode=args.episode, rules=args.rules,
-                      on_alert=on_alert)
+                      on_alert=on_alert, recorder=recorder)
     try:
         with sandbox:
             result = sandbox.exec(argv, capture=False)
@@ -206,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("corral: interrupted; the sandbox and everything in it were removed", file=sys.stderr)
         code = 130
+    finally:
+        recorder.close()
     for sink in sinks:
         sink.close()  # a webhook gets a few seconds to deliver; the rest stays queued for the next run
     if args.verdict:
@@ -300,11 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verdict", metavar="PATH", help="write the episode verdict here as JSON (worst severity, "
                      "categories, alerts by step, actions, risk score in [0, 1])")
     run.add_argument("--episode", metavar="LABEL", help="label events with this episode (e.g. an RL rollout id)")
+    run.add_argument("--data", metavar="DIR", help="record the sandbox, its steps, events and alerts in the store "
+                     "here (default: $CORRAL_DATA, else ~/.local/state/corral); `corral ps|alerts|report` read it")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_run)
 
     add_rules_parser(sub)
     add_drill_parsers(sub)
+    add_daemon_parsers(sub)
+    add_query_parsers(sub)
 
     doctor = sub.add_parser("doctor", help="check that this host can run the sensor",
                             description="Run every host check and load the sensor once.")

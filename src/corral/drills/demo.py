@@ -322,14 +322,18 @@ def run_demo(out_dir: Path | str | None = None, *, lab_name: str = lab_mod.DEFAU
 def _episode(lab: Lab, out: Path, episode: str, console: Console) -> dict[str, Any]:
     # Imported here: loading the sandbox machinery is what the lab commands do not need.
     from corral.sandbox.runner import STATE_DIR, Sandbox
+    from corral.store import Recorder, open_store
 
     started = _utc_now()
     log_marks = _log_sizes(lab)
     steps_file = out / "steps.jsonl"
     steps_file.write_text("")
     console.say("  loading the sensor and rules, making the sandbox", "dim")
+    store = open_store()
+    recorder = Recorder(store)  # the episode is in the store too: `corral report`, the console
     sandbox = Sandbox("default", mode="enforce", netns=lab.client, allow=ALLOW, episode=episode,
-                      events_path=out / "events.jsonl", alerts_path=out / "alerts.jsonl", on_alert=console.alert)
+                      events_path=out / "events.jsonl", alerts_path=out / "alerts.jsonl", on_alert=console.alert,
+                      recorder=recorder)
     for path in (out / "events.jsonl", out / "alerts.jsonl"):
         path.write_text("")  # this run's only (the sandbox appends)
     private, public = _relay_key()
@@ -346,6 +350,7 @@ def _episode(lab: Lab, out: Path, episode: str, console: Console) -> dict[str, A
             sb.flush_events()
     finally:
         _INTERRUPT.armed = False
+        recorder.close()
         closed = _utc_now()
         lab.revoke_key(public)
         _keep_evidence(STATE_DIR / "evidence" / sandbox.name, out / "evidence")
@@ -356,6 +361,8 @@ def _episode(lab: Lab, out: Path, episode: str, console: Console) -> dict[str, A
     verdict = sandbox.verdict()
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
     _print_verdict(verdict, out, closed, console)
+    console.say(f"  the incident report: corral report {episode}   (store: {store.path})")
+    console.say(f"  in the console: corral serve, then open the printed URL and #/sandbox/{sandbox.name}")
     return verdict
 
 

@@ -1,0 +1,1 @@
+"""console: CLI queries, incident reports, `corral serve` (API and web page)"""
