@@ -243,7 +243,8 @@ def test_web_console_live_alert_tree_and_stop(daemon: Daemon, tmp_path: Path) ->
             offender = page.locator("#tree .proc.offending", has_text="cat /home/agent/.aws/credentials")
             expect(offender).to_be_visible(timeout=10_000)
             expect(offender).to_contain_text("Canary credential opened")
-            expect(page.locator(".timeline .step.flagged")).to_contain_text("cat ~/.aws/credentials")
+            expect(page.locator(".timeline .step.flagged")).to_contain_text("cat ~/.aws/credentials > /dev/null")
+            assert "null" not in page.locator("#view").inner_text().split()  # nothing rendered from a missing value
             page.screenshot(path=str(shots / "console-sandbox.png"), full_page=True)
 
             # Stop from the page.

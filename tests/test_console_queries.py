@@ -286,7 +286,7 @@ def test_json_report(recorded: Recorded) -> None:
     assert [(a["rule"], a["taken"]) for a in s["actions"]] == [("Canary credential opened", "would cut_network"),
                                                                  ("Test freeze marker", "freeze")]
     observed, frozen = report["sandboxes"]
-    assert [st["command"] for st in observed["steps"]][1] == "/bin/sh -c 'cat ~/.aws/credentials >/dev/null'"
+    assert [st["command"] for st in observed["steps"]][1] == "cat ~/.aws/credentials >/dev/null"
     assert [[a["rule"] for a in st["alerts"]] for st in observed["steps"]] == [
         [], ["Credential file named in a command", "Canary credential opened"], []]
     cat = observed["steps"][1]["processes"][0]["children"][0]

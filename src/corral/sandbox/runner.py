@@ -351,7 +351,8 @@ class Sandbox:
         self._stack.callback(self.pipeline.unwatch, step_cg.id)
         self.guard.bind_cgroup(step_cg.id, self.id)
         if self._recorder is not None:
-            self._recorder.step_started(self.name, number, shlex.join(argv))
+            # As given: a shell string as it was typed, an argv quoted so it reads back exactly.
+            self._recorder.step_started(self.name, number, command if isinstance(command, str) else shlex.join(argv))
         full = fs.enter_argv(self._holder_pid, argv, self._env)
         pipe = subprocess.PIPE if capture else None
         proc = subprocess.Popen(full, preexec_fn=step_cg.joiner(), text=True,

@@ -192,7 +192,7 @@ function sandboxView(name) {
     const s = d.sandbox;
     const byStep = {};
     for (const a of d.alerts) (byStep[a.step] = byStep[a.step] || []).push(a);
-    node.replaceChildren(
+    node.replaceChildren(...[
       h("h2", {}, s.name, " ", h("span", { id: "state", class: `state ${s.state}` }, s.state)),
       h("p", { class: "meta" }, `mode ${s.mode} · policy ${s.policy} · episode ${s.episode || "—"} · limits `,
         limits(s.limits), s.memory_bytes !== undefined ? ` · memory ${bytes(s.memory_bytes)}` : "",
@@ -212,7 +212,8 @@ function sandboxView(name) {
             h("ul", { class: "feed" }, ...(byStep[st.step] || []).map(alertRow)))))),
       h("section", {}, h("h3", {}, "Process tree"),
         d.tree.length ? h("ul", { id: "tree", class: "tree" }, ...d.tree.map(procNode)) : h("p", {}, "no processes yet")),
-      d.evidence.length ? h("section", {}, h("h3", {}, "Evidence"), ...d.evidence.map(evidenceBlock)) : null);
+      d.evidence.length ? h("section", {}, h("h3", {}, "Evidence"), ...d.evidence.map(evidenceBlock)) : null,
+    ].filter(Boolean));
   };
   draw();
   return {
