@@ -97,8 +97,8 @@ class Daemon:
                netns: str | None = None, allow: Sequence[str] = (), allow_domains: Sequence[str] = (),
                cpus: float | None = None, memory: str | int | None = None, pids: int | None = None) -> dict[str, Any]:
         sandbox = Sandbox(policy, mode=mode, episode=episode, netns=netns, allow=allow, allow_domains=allow_domains,
-                          cpus=cpus, memory=memory, pids=pids, rules=self._rules, recorder=self.recorder)
-        sandbox._alert_hook = lambda alert: self._on_alert(sandbox, alert)
+                          cpus=cpus, memory=memory, pids=pids, rules=self._rules, recorder=self.recorder,
+                          on_alert=self._on_alert)
         sandbox.start()
         with self._lock:
             self._live[sandbox.name] = _Live(sandbox, threading.Lock())
@@ -176,7 +176,7 @@ class Daemon:
         if live is not None:
             sb = live.sandbox
             record["state"] = "frozen" if sb.frozen else "running"
-            record["steps"] = sb._step
+            record["steps"] = sb.steps
             with contextlib.suppress(Exception):  # a sandbox mid-teardown has no cgroup files
                 record["memory_bytes"] = sb.cgroup.memory_bytes()
                 record["cpu_percent"] = self._cpu_percent(live)
@@ -217,11 +217,13 @@ class Daemon:
         live.cpu_ns, live.cpu_at = used, now
         return live.cpu_percent
 
-    def _on_alert(self, sandbox: Sandbox, alert: Alert) -> None:
+    def _on_alert(self, alert: Alert) -> None:
         # Runs on the pipeline thread, after the action: publish only, never block.
         self.hub.publish({"type": "alert", "alert": alert.to_dict()})
-        if sandbox.frozen:
-            self.hub.publish({"type": "sandbox", "sandbox": {"name": sandbox.name, "state": "frozen"}})
+        with self._lock:
+            live = self._live.get(alert.sandbox or "")
+        if live is not None and live.sandbox.frozen:
+            self.hub.publish({"type": "sandbox", "sandbox": {"name": live.sandbox.name, "state": "frozen"}})
 
     def _publish_state(self, name: str) -> dict[str, Any]:
         info = self.describe(name)

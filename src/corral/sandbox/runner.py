@@ -412,6 +412,11 @@ class Sandbox:
     # -- respond (respond.actions calls these) -----------------------------------
 
     @property
+    def steps(self) -> int:
+        """How many steps have started (the number of the last one)."""
+        return self._step
+
+    @property
     def observe(self) -> bool:
         return self.mode == Mode.OBSERVE
 
