@@ -21,7 +21,7 @@ from corral.console.tree import process_tree
 from corral.detect.engine import Alert
 from corral.errors import CorralError
 from corral.sandbox.runner import Sandbox, SandboxFrozen
-from corral.store import Recorder, SqliteStore, open_store
+from corral.store import Recorder, Store, open_store
 
 #: Streams that fall this far behind lose messages (counted) rather than grow without bound.
 SUBSCRIBER_QUEUE = 10_000
@@ -82,7 +82,7 @@ class Daemon:
 
     def __init__(self, data_dir: str | Path | None = None, *, rules: Sequence[str | Path] = (),
                  max_age_s: float | None = None, max_bytes: int | None = None) -> None:
-        self.store: SqliteStore = open_store(data_dir)
+        self.store: Store = open_store(data_dir)
         # The recorder writes through a connection of its own; the API's queries use self.store.
         self.recorder = Recorder(open_store(data_dir), max_age_s=max_age_s, max_bytes=max_bytes)
         self.hub = Hub()
