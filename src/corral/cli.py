@@ -22,54 +22,11 @@ from corral.errors import CorralError
 from corral.monitor import Monitor
 from corral.rules.cli import add_rules_parser
 
-_ERRNO_NAMES = {-1: "EPERM", -2: "ENOENT", -13: "EACCES", -101: "ENETUNREACH", -110: "ETIMEDOUT",
-                -111: "ECONNREFUSED", -113: "EHOSTUNREACH", -115: "EINPROGRESS", -98: "EADDRINUSE"}
-
-
-def _result(code: int) -> str:
-    return "ok" if code >= 0 else _ERRNO_NAMES.get(code, f"errno {-code}")
-
-
-def _endpoint(e: ev.NetEvent) -> str:
-    if e.family == "unix":
-        return e.unix_path or "(unnamed unix socket)"
-    addr = f"[{e.addr}]" if e.family == "inet6" else e.addr
-    return f"{addr}:{e.port}"
-
-
-def describe(e: ev.Event) -> str:
-    """The part of a trace line after who and when: what happened."""
-    if isinstance(e, ev.ExecEvent):
-        extra = " (argv truncated)" if e.args_truncated else ""
-        if e.stdio_sockets:
-            extra += f" (fds {','.join(map(str, e.stdio_sockets))} are sockets)"
-        return f"{e.filename} {json.dumps(e.argv)} cwd={e.cwd}{extra}"
-    if isinstance(e, ev.ForkEvent):
-        return f"child {e.child_pid}"
-    if isinstance(e, ev.ExitEvent):
-        if e.signal:
-            return f"killed by {signal.Signals(e.signal).name if e.signal < 65 else e.signal}"
-        return f"exit {e.exit_code}"
-    if isinstance(e, ev.DupSocketEvent):
-        return f"socket fd {e.source_fd} -> fd {e.target_fd} (peer {_endpoint(e)})"
-    if isinstance(e, ev.NetEvent):
-        proto = {"stream": "tcp", "dgram": "udp"}.get(e.sock_type, e.sock_type)
-        if e.family == "unix":
-            proto = "unix"
-        return f"{proto} {_endpoint(e)} {_result(e.result)}"
-    if isinstance(e, ev.FileEvent):
-        target = f"{e.path} -> {e.path2}" if e.kind == "rename" else e.path
-        mode = " write" if e.kind == "open" and e.writable else ""
-        return f"{target}{mode} {_result(e.result)} [{','.join(e.match)}]"
-    if isinstance(e, ev.DropEvent):
-        return f"{e.count} events lost: the ring buffer was full ({e.total} in all)"
-    return " ".join(f"{name}={getattr(e, name)}" for name in e.FIELDS)
-
 
 def format_line(e: ev.Event) -> str:
     clock = ev.rfc3339(e.time_ns)[11:26]
     who = e.proc.name if e.proc else e.comm
-    return f"{clock} {e.kind:<11} {e.pid:>7} {who[:16]:<16} {describe(e)}"
+    return f"{clock} {e.kind:<11} {e.pid:>7} {who[:16]:<16} {ev.describe(e.to_dict())}"
 
 
 class _Printer:

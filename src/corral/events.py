@@ -9,8 +9,12 @@ record.  ``records.py`` in the sensor owns the binary layouts.
 
 from __future__ import annotations
 
+import errno
+import json
+import signal
 import socket
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -549,3 +553,55 @@ class DerivedEvent(Event):
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid} {self.data!r}>"
+
+
+# -- a few words for people ----------------------------------------------------------
+
+_EVENT_HEADER = frozenset({"kind", "time", "ts_ns", "pid", "tid", "ppid", "uid", "comm", "cgroup_id", "sandbox_id",
+                           "step_id", "proc", "seq", "sandbox", "ancestors"})
+
+
+def _result(code: int) -> str:
+    return "ok" if code >= 0 else errno.errorcode.get(-code, f"errno {-code}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """What an event says, in a few words: the part of a `corral trace` or `corral events`
+    line after when and who.  `record` is Event.to_dict(), live or as the store keeps it."""
+    kind = record["kind"]
+    if kind == "exec":
+        extra = " (argv truncated)" if record.get("args_truncated") else ""
+        if record.get("stdio_sockets"):
+            extra += f" (fds {','.join(map(str, record['stdio_sockets']))} are sockets)"
+        return f"{record.get('filename')} {json.dumps(record.get('argv') or [])} cwd={record.get('cwd')}{extra}"
+    if kind == "fork":
+        return f"child {record.get('child_pid')}"
+    if kind == "exit":
+        return f"killed by {_signal_name(record['signal'])}" if record.get("signal") else \
+            f"exit {record.get('exit_code')}"
+    if "sock_type" in record:  # connect, send, bind, listen, accept, dup_socket
+        if record.get("family") == "unix":
+            proto, where = "unix", record.get("unix_path") or "(unnamed unix socket)"
+        else:
+            proto = {"stream": "tcp", "dgram": "udp"}.get(record["sock_type"], record["sock_type"])
+            addr = f"[{record.get('addr')}]" if record.get("family") == "inet6" else record.get("addr")
+            where = f"{addr}:{record.get('port')}"
+        if kind == "dup_socket":
+            return f"socket fd {record.get('source_fd')} -> fd {record.get('target_fd')} (peer {where})"
+        return f"{proto} {where} {_result(record.get('result', 0))}"
+    if "path" in record and "match" in record:  # open, unlink, rename
+        target = f"{record['path']} -> {record.get('path2')}" if kind == "rename" else record["path"]
+        flags = int(record.get("flags") or 0)
+        mode = " write" if kind == "open" and (flags & 0o3 or flags & 0o100) else ""  # O_WRONLY|O_RDWR, O_CREAT
+        return f"{target}{mode} {_result(record.get('result', 0))} [{','.join(record.get('match') or [])}]"
+    if kind == "drop":
+        return f"{record.get('count')} events lost: the ring buffer was full ({record.get('total')} in all)"
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str | list | dict) else v}"
+                    for k, v in record.items() if k not in _EVENT_HEADER)

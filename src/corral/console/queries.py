@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import json
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -431,7 +429,7 @@ def _event_printer(out: TextIO, as_json: bool, sandbox: str) -> Printer:
 
     def cells(e: dict[str, Any]) -> list[str]:
         return [short_time(e["time"], ms=True), str(e.get("step_id", "")), e["kind"], str(e.get("pid", "")),
-                e.get("comm", ""), describe(e)]
+                e.get("comm", ""), ev.describe(e)]
 
     return lambda rows: table.write([cells(e) for e in rows])
 
@@ -443,40 +441,3 @@ def _json_lines(out: TextIO) -> Printer:
         out.flush()
     return emit
 
-
-# -- events in words -----------------------------------------------------------------------
-
-#: Fields every stored event has; describe() shows the others.
-_COMMON = frozenset({"kind", "time", "ts_ns", "pid", "tid", "ppid", "uid", "comm", "cgroup_id", "sandbox_id",
-                     "step_id", "proc", "seq", "sandbox"})
-
-
-def describe(e: dict[str, Any]) -> str:
-    """What a stored event says, in a few words (the part of an events line after who and when)."""
-    kind = e["kind"]
-    if kind == "exec":
-        return f"{' '.join(e.get('argv') or [e.get('filename', '')])}  (cwd {e.get('cwd')})"
-    if kind == "exit":
-        if e.get("signal"):
-            try:
-                return f"killed by {signal.Signals(e['signal']).name}"
-            except ValueError:
-                return f"killed by signal {e['signal']}"
-        return f"exit {e.get('exit_code')}"
-    if kind == "fork":
-        return f"child {e.get('child_pid')}"
-    if "sock_type" in e:  # connect, send, bind, listen, accept, dup_socket
-        proto = "unix" if e.get("family") == "unix" else {"stream": "tcp", "dgram": "udp"}.get(e["sock_type"],
-                                                                                                e["sock_type"])
-        where = e.get("unix_path") or (f"[{e.get('addr')}]:{e.get('port')}" if e.get("family") == "inet6"
-                                       else f"{e.get('addr')}:{e.get('port')}")
-        return f"{proto} {where} {_result(e.get('result', 0))}"
-    if "path" in e and "match" in e:  # open, unlink, rename
-        target = f"{e['path']} -> {e.get('path2')}" if e.get("path2") else e["path"]
-        return f"{target} {_result(e.get('result', 0))} [{','.join(e.get('match') or [])}]"
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str | list | dict) else v}"
-                    for k, v in e.items() if k not in _COMMON)
-
-
-def _result(code: int) -> str:
-    return "ok" if code >= 0 else errno.errorcode.get(-code, f"errno {-code}")
