@@ -30,6 +30,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -323,8 +324,14 @@ class Sandbox:
         self.guard.set_mode(self.id, Mode.CUT)
         steps = [f"cgroup /corral/{self.name}/step-{n}" for n in range(self._step + 1)]
         for i in range(0, len(steps), 50):
-            subprocess.run([*self.netns.exec_prefix(), "ss", "-K", "-a", "-t", "-u", " or ".join(steps[i:i + 50])],
-                           capture_output=True, timeout=10)
+            # nsenter --net, not `ip netns exec`: that remounts /sys, and ss then cannot find the
+            # cgroup2 mount its filter needs (and destroys nothing).
+            done = subprocess.run(["nsenter", f"--net=/run/netns/{self.netns.name}", "ss", "-K", "-a", "-t", "-u",
+                                   " or ".join(steps[i:i + 50])], capture_output=True, text=True, timeout=10)
+            if done.returncode != 0:
+                print(f"corral: warning: the sockets of sandbox {self.name}'s killed processes were not destroyed "
+                      f"(ss -K: {done.stderr.strip() or 'exit ' + str(done.returncode)}); what they had queued "
+                      "may still be sent", file=sys.stderr, flush=True)
 
     # -- steps ---------------------------------------------------------------
 
