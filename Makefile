@@ -12,7 +12,7 @@ VMLINUX := $(BUILD)/$(KERNEL)/vmlinux.h
 BPF_OUT := src/corral/_bpf
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(wildcard bpf/*.bpf.c))
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool bubblewrap iproute2 nftables procps \
-	socat nmap ncat openssh-server openssh-client curl python3-venv python3-dev python3-pip git gcc make
+	socat nmap ncat openssh-server openssh-client curl wget autossh python3-venv python3-dev python3-pip git gcc make
 
 # Only the tests need a browser (the web console is tested in a real headless Chromium).
 TEST_APT_PACKAGES := chromium
