@@ -136,7 +136,8 @@ def main() -> int:
         "",
         "| | median | min – max |",
         "|---|---:|---:|",
-        f"| `Sandbox.exec(['true'])`, in process | {direct_s.median:.1f} ms | {direct_s.lo:.1f} – {direct_s.hi:.1f} ms |",
+        f"| `Sandbox.exec(['true'])`, in process | {direct_s.median:.1f} ms | {direct_s.lo:.1f} – "
+        f"{direct_s.hi:.1f} ms |",
         f"| API exec of `true` (HTTP over the Unix socket) | {api_s.median:.1f} ms | {api_s.lo:.1f} – "
         f"{api_s.hi:.1f} ms |",
         "",
