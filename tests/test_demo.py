@@ -222,6 +222,23 @@ def test_lab_servers_answer_and_log_every_access(lab_name: str, tmp_path: Path) 
     assert leftovers(lab_name) == []
 
 
+def test_corral_run_lab_attaches_a_sandbox_to_the_lab(lab_name: str) -> None:
+    not_up = _cli("run", "--lab", lab_name, "--", "true")
+    assert not_up.returncode == 2
+    assert f"the drill lab {lab_name} is not up: run `corral lab up --name {lab_name}` first" in not_up.stderr
+    assert _cli("lab", "up", "--name", lab_name).returncode == 0
+    # Observe mode: the metadata stub answers (it is only in the lab), and the alert says so.
+    run = _cli("run", "--lab", lab_name, "--mode", "observe", "--",
+               "curl", "-s", "-m", "5", f"http://{lab_mod.METADATA_HOSTS[0]}/latest/meta-data/")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip(), "the lab's metadata stub did not answer"
+    assert "[metadata]" in run.stderr
+    assert any(r["server"] == "http" and r["local"] == f"{lab_mod.METADATA_HOSTS[0]}:80"
+               for r in Lab(lab_name).accesses())
+    both = _cli("run", "--lab", lab_name, "--netns", lab_name, "--", "true")
+    assert both.returncode == 2 and "give one" in both.stderr
+
+
 # -- the demo -------------------------------------------------------------------------
 
 def _demo(out: Path, lab_name: str) -> subprocess.Popen[str]:

@@ -138,6 +138,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise CorralError("run needs a command: corral run [OPTIONS] -- COMMAND [ARGS...]")
+    netns = args.netns
+    if args.lab:
+        if netns:
+            raise CorralError("--lab and --netns both name the sandbox's network: give one")
+        from corral.drills.lab import Lab
+
+        lab = Lab(args.lab)
+        if not lab.is_up():
+            raise CorralError(f"the drill lab {args.lab} is not up: run `corral lab up --name {args.lab}` first")
+        lab.check_no_route_out()
+        netns = lab.client
     if args.alerts:
         Path(args.alerts).touch()  # alerts are appended here as they happen
     # SIGTERM is a request to stop: clean up as for Ctrl-C.
@@ -155,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sink in sinks:
             sink.send(record)  # durable before it returns (webhooks queue on disk)
 
-    sandbox = Sandbox(args.policy, mode=args.mode, netns=args.netns, workdir=args.workdir, allow=args.allow,
+    sandbox = Sandbox(args.policy, mode=args.mode, netns=netns, workdir=args.workdir, allow=args.allow,
                       allow_domains=args.allow_domain, cpus=args.cpus, memory=args.memory, pids=args.pids,
                       events_path=args.events, alerts_path=args.alerts, episode=args.episode, rules=args.rules,
                       on_alert=on_alert, recorder=recorder)
@@ -234,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  corral run -- python3 agent.py\n"
                "  corral run --policy dev --events ev.jsonl -- pip install requests\n"
                "  corral run --allow 198.51.100.7:443 --memory 2G --pids 256 -- ./tool.sh\n"
-               "  corral run --mode observe --netns lab -- ssh -R 8080:localhost:80 user@203.0.113.5",
+               "  corral run --mode observe --lab -- ssh -R 8080:localhost:80 user@203.0.113.10",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--policy", default="default", metavar="PATH|NAME",
                      help="a policy YAML file, or a built-in: default (no egress), dev (package registries)")
@@ -243,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "deny egress outside the allow list and apply rule actions")
     run.add_argument("--netns", metavar="NAME", help="run in this existing network namespace (ip netns list) "
                      "instead of a new one; egress rules still apply")
+    run.add_argument("--lab", nargs="?", const="corral-lab", metavar="NAME",
+                     help="run attached to the drill lab (`corral lab up` first; default name corral-lab): its "
+                          "fake internet, pool, sshd, internal hosts and metadata stubs, with no route out")
     run.add_argument("--alerts", metavar="PATH", help="append alerts here as JSON lines")
     run.add_argument("--sink", action="append", default=[], metavar="SPEC",
                      help="also deliver alerts here: jsonl:PATH, stdout, stdout:line, webhook:URL, slack:URL, "
