@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("decode_throughput.py", "syscall_overhead.py", "sandbox_lifecycle.py", "workload_overhead.py",
-              "scale.py", "engine_throughput.py", "detection_latency.py")
+              "scale.py", "engine_throughput.py", "pipeline_throughput.py", "detection_latency.py",
+              "store_ingest.py", "console_latency.py")
 
 
 def main() -> int:

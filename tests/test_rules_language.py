@@ -23,6 +23,7 @@ from corral.rules.language import (
     Or,
     RuleSyntaxError,
     Value,
+    ValueIs,
     as_number,
     compile_condition,
     parse,
@@ -347,17 +348,32 @@ def test_constant_fields_fold_away() -> None:
     assert pred not in (ALWAYS, NEVER) and pred({"proc.name": "x"}) and not pred({"proc.name": "y"})
 
 
-def test_guard_names_a_field_the_condition_requires() -> None:
+def test_screen_says_what_a_condition_needs() -> None:
     macros = macro_map(outbound="evt.type = connect and net.dport = 22")
     c = Compiler(resolver, lists={"tools": ("ssh", "scp")}, macros=macros)
-    g = c.guard(parse("proc.name in (tools, nc) and proc.args contains -R"))
-    assert g is not None and g[0].name == "proc.name" and g[1] == frozenset({"ssh", "scp", "nc"})
-    g = c.guard(parse("outbound and proc.pid = 1"))
-    assert g is not None and g[0].name == "net.dport" and g[1] == frozenset({"22", 22})
-    assert c.guard(parse("proc.name = a or proc.name = b")) is None
-    assert c.guard(parse("not proc.name = a")) is None
-    g = c.guard(parse("evt.type = exec"))
-    assert g is not None and g[0].name == "evt.type"
+
+    def screen(text: str) -> set[frozenset[Any]]:
+        """Clauses, each as the keys (names, numbers) and folded texts of its atoms."""
+        node = parse(text)
+        c.compile(node, text)
+        return {frozenset(a.key if isinstance(a, ValueIs) else ("text", a.text) for a in clause)
+                for clause in c.screen(node)}
+
+    # names and numbers are looked up; a text is searched only for a rule no name screens
+    assert screen("proc.name in (tools, nc) and proc.args contains -R") == {frozenset({"ssh", "scp", "nc"})}
+    assert screen("outbound and proc.pid = 1") == {frozenset({"connect"}), frozenset({"22", 22}),
+                                                   frozenset({"1", 1})}
+    assert screen("proc.name = a or proc.name = b") == {frozenset({"a", "b"})}
+    assert screen("proc.args contains -R or proc.name = b") == {frozenset({("text", "-r"), "b"})}
+    assert screen('proc.args regex "(?i)--(donate|pool)-level=[0-9]+"') == {
+        frozenset({("text", "--donate-level="), ("text", "--pool-level=")})}
+    assert screen("file.writable = true") == {frozenset({"true", True})}
+    # nothing to screen on: always evaluated
+    assert screen("not proc.name = a") == set()
+    assert screen("proc.pid != 3") == set()
+    assert screen("proc.name = a or not proc.args contains x") == set()
+    assert screen('proc.args contains "é"') == set()  # fold() is exact for ASCII only
+    assert screen("proc.args contains x") == set()  # one character: found nearly everywhere
 
 
 def test_numbers() -> None:

@@ -380,7 +380,7 @@ def test_the_index_finds_exactly_what_trying_every_rule_finds() -> None:
     registry = FieldRegistry(ancestors=lambda pid: [Process(1, 0, "sshd", "/usr/sbin/sshd", (), "/", 0)]
                              if pid == 9 else [])
     rules = load_rules_text(text, registry=registry)
-    assert any(r.guards for r in rules.rules) and any(not r.guards for r in rules.rules)
+    assert any(r.screens["exec"] for r in rules.rules) and any(not r.screens["exec"] for r in rules.rules)
     count = 0
     for i, name in enumerate(names * 4):
         for args in ([], ["-e"], ["-R", "x"], ["-e", "-R"]):
@@ -392,11 +392,11 @@ def test_the_index_finds_exactly_what_trying_every_rule_finds() -> None:
     assert count > 50
 
 
-def test_guards_on_numbers_and_booleans() -> None:
+def test_screens_on_numbers_and_booleans() -> None:
     text = (RULE.format(name="Port", event="connect", condition="net.dport in (22, 2222) and proc.pid > 0")
             + RULE.format(name="Write", event="open", condition="file.writable = true and file.path startswith /etc"))
     rules = load_rules_text(text)
-    assert all(r.guards for r in rules.rules)
+    assert all(r.screens[r.events[0]] for r in rules.rules)
     assert [r.name for r in rules.match(net_event(ev.CONNECT, "10.0.0.1", 2222))] == ["Port"]
     assert rules.match(net_event(ev.CONNECT, "10.0.0.1", 80)) == []
     assert [r.name for r in rules.match(file_event(ev.OPEN, "/etc/passwd", flags=1))] == ["Write"]

@@ -173,8 +173,10 @@ class Engine:
     def process(self, event: ev.Event) -> list[Alert]:
         """The alerts this event (and what detectors conclude from it) raise."""
         alerts = self._match(event)
-        for derived in self.detectors.feed(event):
-            alerts += self._match(derived)
+        derived = self.detectors.feed(event)
+        if derived:  # rarely: most events conclude nothing
+            for d in derived:
+                alerts += self._match(d)
         return alerts
 
     def tick(self, now_ns: int | None = None) -> list[Alert]:
@@ -203,7 +205,9 @@ class Engine:
 
     def _match(self, event: ev.Event) -> list[Alert]:
         rules = self.rules.match(event)
-        return [a for a in (self._alert(rule, event) for rule in rules) if a is not None]
+        if not rules:  # most events: nothing to build
+            return []
+        return [a for rule in rules if (a := self._alert(rule, event)) is not None]
 
     def _alert(self, rule: Rule, event: ev.Event) -> Alert | None:
         if rule.action != "alert":

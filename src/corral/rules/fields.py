@@ -92,6 +92,14 @@ FILE: frozenset[str] = frozenset({"open", "unlink", "rename"})
 #: derived kinds about one connection, carrying net.* in their data
 FLOWISH: frozenset[str] = frozenset({"flow", "long_session", "cred_then_egress"})
 
+#: fields with a handful of values, most events having one of them: rules that require one
+#: of those values are better screened on anything else they require (language.Compiler)
+COARSE = frozenset({"net.family", "net.proto", "net.direction", "net.l7", "proc.uid", "step.id", "sandbox.mode",
+                    "dns.qtype", "mount.op", "ns.op", "setuid.op", "module.op", "denied.match", "limit.resource"})
+
+#: ExecEvent.flags: the bits saying fd 0, 1 or 2 was a socket (ExecEvent.stdio_sockets)
+_STDIO_SOCKETS = 0b1110
+
 #: where an executable is one the agent could have written (proc.exe_writable)
 WRITABLE_PREFIXES = ("/tmp/", "/var/tmp/", "/dev/shm/", "/workspace/", "/home/", "/root/", "/run/user/",
                      "memfd:", "/memfd:")
@@ -196,8 +204,9 @@ def _argv(reg: FieldRegistry, kind: str) -> Getter:
 
 
 def _name(reg: FieldRegistry, kind: str) -> Getter:
-    if kind == "exec":
-        return memo(lambda e: os.path.basename(e.filename) or e.comm)
+    if kind == "exec":  # the base name of proc.exe (decoded once for both), else the task name
+        exe, comm = reg.need(kind, "proc.exe"), reg.need(kind, "proc.comm")
+        return memo(lambda e: (x[x.rfind("/") + 1:] if (x := exe(e)) is not None else "") or comm(e))
     return memo(lambda e: e.proc.name if e.proc is not None else e.comm)
 
 
@@ -231,7 +240,9 @@ def _proc_args(reg: FieldRegistry, kind: str, index: int | None) -> Getter:
     argv = reg.need(kind, "proc.argv")
     if index is not None:
         return _argv_item(argv, index)  # proc.args[N] is argv[N], as in Falco
-    return memo(lambda e: " ".join(a[1:]) if (a := argv(e)) is not None else None)
+    args = memo(lambda e: " ".join(a[1:]) if (a := argv(e)) is not None else None)
+    reg.part_of[args] = reg.need(kind, "proc.cmdline")  # argv joined, and args is argv[1:] joined
+    return args
 
 
 def _cmdline(reg: FieldRegistry, kind: str) -> Getter:
@@ -254,7 +265,7 @@ def _writable(reg: FieldRegistry, kind: str) -> Getter:
 
 
 _simple("proc.exe_writable", ALL, _writable)
-_simple("proc.stdio_socket", frozenset({"exec"}), lambda reg, kind: lambda e: bool(e.stdio_sockets))
+_simple("proc.stdio_socket", frozenset({"exec"}), lambda reg, kind: lambda e: e.flags & _STDIO_SOCKETS != 0)
 
 
 def _pname(reg: FieldRegistry, kind: str) -> Getter:
@@ -416,6 +427,11 @@ class FieldRegistry:
         self.context: Context = context if context is not None else NullContext()
         self._ancestors: Ancestors = ancestors or (lambda pid: ())
         self._getters: dict[tuple[str, str, int | None], Getter | None] = {}
+        #: getter -> the getter of a field whose value holds this one's whenever it is a
+        #: string (so a search for a text in one can be a search in the other)
+        self.part_of: dict[Getter, Getter] = {}
+        #: getters of the COARSE fields
+        self.coarse: set[Getter] = set()
         lookup = self._ancestors
 
         def chain(e: Any) -> Sequence[Process]:
@@ -432,6 +448,8 @@ class FieldRegistry:
         getter: Getter | None = None
         if (spec := FIELDS.get(name)) is not None and kind in spec.kinds:
             getter = spec.factory(self, kind, index)
+            if name in COARSE and getter is not None:
+                self.coarse.add(getter)
         self._getters[key] = getter
         return getter
 

@@ -29,14 +29,20 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import importlib
 import ipaddress
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from corral.errors import CorralError
+
+# re's own parser, for the literals of patterns (required_texts): private modules with no
+# type stubs, so typed Any; anything unexpected from them leaves a pattern unscreened.
+_sre_parser: Any = importlib.import_module("re._parser")
+_sre_constants: Any = importlib.import_module("re._constants")
 
 #: field name, index (``proc.args[1]`` -> ("proc.args", 1)) -> a getter, or None when unknown
 Getter = Callable[[Any], Any]
@@ -412,14 +418,16 @@ class Compiler:
     """Turns ASTs into predicates against one resolver, with lists and macros resolved."""
 
     def __init__(self, resolver: Resolver, *, lists: Mapping[str, Sequence[Any]] | None = None,
-                 macros: Mapping[str, Macro] | None = None, known_fields: Iterable[str] = ()) -> None:
+                 macros: Mapping[str, Macro] | None = None, known_fields: Iterable[str] = (),
+                 coarse: Collection[Getter] = ()) -> None:
         self.resolver = resolver
+        #: getters of fields with few values (``net.family``): screening on them saves little
+        self.coarse = coarse
         self.lists = lists or {}
         self.macros = macros or {}
         self.known_fields = sorted(set(known_fields))
         self._stack: list[Macro] = []  # macros being expanded, outermost first
         self._text = ""
-        self._guard_seen: set[str] = set()
 
     def compile(self, node: Node, text: str) -> Predicate:
         self._text = text
@@ -447,36 +455,92 @@ class Compiler:
             return lambda e: not inner(e)
         return self._macro(node)
 
-    def conjuncts(self, node: Node) -> list[Node]:
-        """The top-level ``and`` terms of a condition, known macros expanded."""
-        if isinstance(node, And):
-            return [c for child in node.operands for c in self.conjuncts(child)]
-        if isinstance(node, MacroRef) and node.name in self.macros and node.name not in self._guard_seen:
-            self._guard_seen.add(node.name)
-            return self.conjuncts(self.macros[node.name].node)
-        return [node]
+    def screen(self, node: Node) -> Screen:
+        """A necessary condition of ``node`` that an index can test for many rules at once.
 
-    def guard(self, node: Node) -> tuple[FieldRef, frozenset[Any]] | None:
-        """A field and the values it must have for the condition to hold, if it says so.
-
-        The first top-level ``field = v`` / ``field in (...)`` term (``evt.type`` last:
-        it rarely discriminates within a kind).  Keys are the literals' texts and, for
-        numeric ones, their numbers: exactly the str and int/float values the term
-        accepts (booleans too), so RuleSet can look candidates up by value instead of trying
-        each rule.  A key may admit more than the term does (True == 1): the rule's own
-        test still decides; what matters is that no accepted value lacks its key.
+        Clauses that must all hold when ``node`` does, each a set of atoms one of which
+        must hold (see Screen); the empty screen when nothing is known, so a rule with it
+        is always evaluated.  ``node`` must be one this compiler compiled without error.
         """
-        self._guard_seen = set()
-        terms = [t for t in self.conjuncts(node) if isinstance(t, Compare) and t.op in ("=", "in")]
-        terms.sort(key=lambda t: t.field.name == "evt.type")
-        if not terms:
-            return None
-        term = terms[0]
-        lits = self._expand(term.values) if term.op == "in" else [_Literal.of(term.values[0].text, 0)]
-        keys: set[Any] = {lit.text for lit in lits}
-        keys |= {lit.number for lit in lits if lit.number is not None}
-        keys |= {lit.boolean for lit in lits if lit.boolean is not None}
-        return term.field, frozenset(keys)
+        self._stack = []
+        found = self._screen(node)
+        if not found:
+            return ()
+        # Each field with a text clause costs a search of every event of the kind, which
+        # costs more with each text; a lookup costs little.  So texts screen only rules
+        # that no name or number does, and one clause of texts is enough.
+        clauses = sorted(set(found), key=self._strength, reverse=True)
+        lookups = [c for c in clauses if all(isinstance(a, ValueIs) for a in c)]
+        texts = [c for c in clauses if c not in lookups]
+        if texts and not (lookups and self._strength(lookups[0]) >= _NAME_STRENGTH):
+            lookups.insert(0, texts[0])
+        return tuple(lookups[:MAX_CLAUSES])
+
+    def _screen(self, node: Node) -> Screen | None:
+        """The screen of ``node``, or None when it never holds on this resolver's events."""
+        if isinstance(node, Compare):
+            get = self._getter(node.field)
+            if isinstance(get, Constant):  # decided now: holds always (nothing to screen) or never
+                return () if self._compare(node) is ALWAYS else None
+            return self._compare_screen(node, get)
+        if isinstance(node, And):  # every term is necessary: so is each of their clauses
+            clauses: list[Clause] = []
+            for child in node.operands:
+                found = self._screen(child)
+                if found is None:
+                    return None
+                clauses += found
+            return tuple(clauses)
+        if isinstance(node, Or):  # one term holds: so does one clause of each (the strongest)
+            terms = [found for child in node.operands if (found := self._screen(child)) is not None]
+            if len(terms) <= 1:  # the others never hold here (`evt.type = exec and ...` on open)
+                return terms[0] if terms else None
+            if not all(terms):
+                return ()
+            strongest: list[Clause] = [max(found, key=self._strength) for found in terms]
+            return (frozenset().union(*strongest),)
+        if isinstance(node, Not):  # what must hold is an absence: nothing to look up
+            return None if self._compile(node.operand) is ALWAYS else ()
+        macro = self.macros[node.name]  # it compiled: the macro exists and is not on a cycle
+        self._stack.append(macro)
+        try:
+            return self._screen(macro.node)
+        finally:
+            self._stack.pop()
+
+    def _strength(self, clause: Clause) -> int:
+        """How good a clause is to screen on, by its weakest atom: a name or number picks few
+        events and costs a lookup; a text costs a search and picks fewer the longer it is; a
+        boolean, or a field of few values, holds for many events."""
+        def atom(a: Atom) -> int:
+            if isinstance(a, TextHas):
+                return len(a.text)
+            return 1 if isinstance(a.key, bool) or a.getter in self.coarse else _NAME_STRENGTH
+        return min(map(atom, clause))
+
+    def _compare_screen(self, node: Compare, get: Getter) -> Screen:
+        op = node.op
+        if op in ("=", "in"):
+            # Keys are the literals' texts and, for numeric or boolean ones, their values:
+            # every str, number or bool the comparison accepts is among them (a key may
+            # admit more, True == 1: the rule's own test still decides).
+            lits = self._expand(node.values) if op == "in" else [_Literal.of(node.values[0].text, 0)]
+            keys: set[Any] = {lit.text for lit in lits}
+            keys |= {lit.number for lit in lits if lit.number is not None}
+            keys |= {lit.boolean for lit in lits if lit.boolean is not None}
+            return (frozenset(ValueIs(get, key) for key in keys),)
+        if op in ("contains", "icontains", "startswith", "endswith"):
+            needs = [frozenset({node.values[0].text})]
+        elif op == "glob":
+            needs = required_texts(fnmatch.translate(node.values[0].text), re.DOTALL)
+        elif op == "regex":
+            needs = required_texts(node.values[0].text)
+        else:  # != and orderings hold for most values; exists and in_cidr have no text to look for
+            return ()
+        # Texts outside ASCII are left out: fold() is exact only for ASCII ones.  Short
+        # ones are found nearly everywhere: screening on them would cost more than it saves.
+        return tuple(frozenset(TextHas(get, fold(t)) for t in texts) for texts in needs
+                     if all(t.isascii() and len(t) >= MIN_TEXT for t in texts))
 
     def _macro(self, ref: MacroRef) -> Predicate:
         macro = self.macros.get(ref.name)
@@ -808,6 +872,201 @@ _TESTS: dict[str, Callable[[Sequence[_Literal]], Tests]] = {
     "glob": _string_op(_glob),
     "regex": _regex,
 }
+
+
+# ----------------------------------------------------------------------- screens
+#
+# Most rules can only match an event whose name is one of a few, or whose command line
+# holds one of a few words: an index that looks those up once per event, for every rule
+# of its kind together, evaluates only the rules that can match (RuleSet).  A Screen is
+# what Compiler.screen() derives from a condition for that.
+
+
+@dataclass(frozen=True, slots=True)
+class ValueIs:
+    """The field's value is ``key``: a str, number or bool, as ``=`` and ``in`` compare."""
+
+    getter: Getter
+    key: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TextHas:
+    """The field's value, a string, contains ``text`` once both are case-folded by fold()."""
+
+    getter: Getter
+    text: str
+
+
+Atom = ValueIs | TextHas
+#: one of its atoms holds
+Clause = frozenset[Atom]
+#: a necessary condition: every clause holds; () when nothing is known.  An atom says
+#: nothing about a value that is not a scalar (a list: ``proc.argv``), which an index must
+#: treat as satisfying every atom on its field, nor about a missing one (None), which
+#: satisfies none (every comparison on it is false).
+Screen = tuple[Clause, ...]
+
+#: clauses kept per screen, the strongest (more cost an index more than they save)
+MAX_CLAUSES = 4
+#: the shortest text worth screening on
+MIN_TEXT = 2
+#: the strength (_strength) of a name or number: more than any text's, as a lookup costs less than a search
+_NAME_STRENGTH = 1000
+#: the most texts a piece of a regex may stand for before it is not expanded further
+_MAX_TEXTS = 64
+
+#: The characters ``re`` matches against an ASCII letter when case-blind (IGNORECASE:
+#: simple case folding, plus the equivalences re adds), as that letter's lower case.
+#: tests/test_rules_index.py checks it against re over every code point.
+_FOLD = {**{c: c + 32 for c in range(ord("A"), ord("Z") + 1)},
+         0x130: ord("i"), 0x131: ord("i"), 0x17F: ord("s"), 0x212A: ord("k")}
+
+
+def fold(text: str) -> str:
+    """``text`` with the characters that case-blind ``re`` takes for an ASCII letter made
+    that lower-case letter, nothing else changed (not even the length).
+
+    If a pattern, case-blind or not, matches a text, the pattern's ASCII literals,
+    folded, are in the folded text.
+    """
+    return text.lower() if text.isascii() else text.translate(_FOLD)
+
+
+def required_texts(pattern: str, flags: int = 0) -> list[frozenset[str]]:
+    """Sets of texts such that every string ``pattern`` matches holds one text of each set
+    (as written, whatever the case flags say); none when nothing is known."""
+    try:
+        needs = _sequence(_sre_parser.parse(pattern, flags)).needs
+    except Exception:  # an internal module's surprise: then this pattern is not screened
+        return []
+    # A text that holds another of its set is redundant: finding the other is enough.
+    return [frozenset(t for t in texts if not any(o != t and o in t for o in texts)) for texts in dict.fromkeys(needs)]
+
+
+_Texts = frozenset[str]
+_NOTHING: _Texts = frozenset({""})
+#: sets of required texts kept per piece of a regex, the best
+_MAX_NEEDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Pieces:
+    """What is known of the strings a piece of a regex matches: all of them, when they are
+    few; texts each starts with, and ends with (``{""}``: none known); and sets of texts
+    each holds one text of every set."""
+
+    exact: _Texts | None
+    prefixes: _Texts
+    suffixes: _Texts
+    needs: tuple[_Texts, ...]
+
+
+_UNKNOWN = _Pieces(None, _NOTHING, _NOTHING, ())
+
+
+def _known(strings: _Texts) -> _Pieces:
+    return _Pieces(strings, strings, strings, tuple(_needs(strings)))
+
+
+def _needs(strings: _Texts) -> list[_Texts]:
+    """The requirement that one of ``strings`` is there: none if one is empty."""
+    return [strings] if strings and "" not in strings else []
+
+
+def _join(a: _Texts, b: _Texts) -> _Texts | None:
+    """Every string of ``a`` followed by one of ``b``; None when that makes too many."""
+    return frozenset(x + y for x in a for y in b) if len(a) * len(b) <= _MAX_TEXTS else None
+
+
+def _rank(texts: _Texts) -> tuple[int, int]:
+    """Better sets to screen on first: the longer their shortest text, then the fewer."""
+    return min(map(len, texts)), -len(texts)
+
+
+def _best(needs: Iterable[_Texts]) -> tuple[_Texts, ...]:
+    return tuple(sorted(set(needs), key=_rank, reverse=True)[:_MAX_NEEDS])
+
+
+def _sequence(items: Iterable[tuple[Any, Any]]) -> _Pieces:
+    """The pieces of a sequence of regex items.
+
+    A match of the sequence is the items' matches one after the other: so the strings
+    known before an item, joined to the texts it starts with, are contiguous in it; after
+    the item it goes on from the texts the item ends with.
+    """
+    head, head_open = _NOTHING, True  # the sequence starts with one of head
+    run = _NOTHING  # ...and what it matched so far ends with one of run
+    needs: list[_Texts] = []
+    for op, av in items:
+        item = _item(op, av)
+        if head_open:
+            joined = _join(head, item.exact if item.exact is not None else item.prefixes)
+            head_open = joined is not None and item.exact is not None
+            head = joined if joined is not None else head
+        if item.exact is not None:
+            joined = _join(run, item.exact)
+            if joined is None:  # too many: what the run had is required, a new one starts
+                needs += _needs(run)
+            run = joined if joined is not None else item.exact
+            continue
+        joined = _join(run, item.prefixes)
+        needs += _needs(joined) if joined is not None else [*_needs(run), *_needs(item.prefixes)]
+        needs += item.needs
+        run = item.suffixes
+    if head_open:
+        return _known(head)
+    return _Pieces(None, head, run, _best([*needs, *_needs(run)]))
+
+
+def _item(op: Any, av: Any) -> _Pieces:
+    """The pieces of one regex item."""
+    c = _sre_constants
+    if op == c.LITERAL:
+        return _known(frozenset({chr(av)}))
+    if op in (c.AT, c.ASSERT, c.ASSERT_NOT):  # zero width: joins what is around it
+        return _known(_NOTHING)
+    if op == c.IN:
+        if len(av) <= 8 and all(o == c.LITERAL for o, _ in av):
+            return _known(frozenset(chr(v) for _, v in av))
+        return _UNKNOWN
+    if op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+        return _sequence(av[-1] if op == c.SUBPATTERN else av)
+    if op == c.BRANCH:
+        return _branch([_sequence(alternative) for alternative in av[1]])
+    if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+        low, high, sub = av
+        item = _sequence(sub)
+        if item.exact is not None and low == high and len(item.exact) ** low <= _MAX_TEXTS:
+            out = _NOTHING
+            for _ in range(low):
+                out = frozenset(a + b for a in out for b in item.exact)
+            return _known(out)
+        if item.exact is not None and low == 0 and high == 1:
+            return _known(item.exact | _NOTHING)
+        # At least once: the first time starts it, the last ends it.
+        return _Pieces(None, item.prefixes, item.suffixes, item.needs) if low >= 1 else _UNKNOWN
+    return _UNKNOWN  # any character, classes, back references...
+
+
+def _branch(alternatives: Sequence[_Pieces]) -> _Pieces:
+    """The pieces of ``a|b|...``: one alternative matches."""
+    def union(sets: Iterable[_Texts]) -> _Texts | None:
+        out = frozenset().union(*sets)
+        return out if len(out) <= _MAX_TEXTS else None
+
+    exact = union(a.exact for a in alternatives if a.exact is not None)
+    if exact is not None and all(a.exact is not None for a in alternatives):
+        return _known(exact)
+    prefixes = union(a.prefixes for a in alternatives) or _NOTHING
+    suffixes = union(a.suffixes for a in alternatives) or _NOTHING
+    if not all(a.needs for a in alternatives):
+        return _Pieces(None, prefixes, suffixes, ())
+    # Each set of the alternative that matched holds: so each set of each alternative,
+    # with the best set of every other, is a set one of whose texts is there.
+    best = [a.needs[0] for a in alternatives]
+    needs = [texts.union(*best[:i], *best[i + 1:]) for i, a in enumerate(alternatives) for texts in a.needs]
+    return _Pieces(None, prefixes, suffixes, _best(needs))
 
 
 def fields_of(node: Node, macros: Mapping[str, Macro] | None = None) -> list[FieldRef]:

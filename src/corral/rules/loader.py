@@ -22,6 +22,8 @@ silently.
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from corral.errors import CorralError
 from corral.rules import language as lang
 from corral.rules.fields import ALL, FIELDS, ExampleResolver, FieldRegistry
-from corral.rules.language import Getter, Macro, Predicate, Resolver, RuleSyntaxError
+from corral.rules.language import Getter, Macro, Predicate, Resolver, RuleSyntaxError, Screen
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 CATEGORIES = ("cryptomining", "tunnel", "reverse_shell", "recon", "metadata", "credential_access", "persistence",
@@ -126,8 +128,8 @@ class Rule:
     vetoes: dict[str, tuple[Predicate, ...]] = field(default_factory=dict, repr=False)
     #: event kind -> condition and no exception (what RuleSet.match runs)
     tests: dict[str, Predicate] = field(default_factory=dict, repr=False)
-    #: event kind -> (getter, values): the rule can only match when the getter gives one of them
-    guards: dict[str, tuple[Getter, frozenset[Any]]] = field(default_factory=dict, repr=False)
+    #: event kind -> what must hold for the condition to hold (language.Screen), for RuleSet's index
+    screens: dict[str, Screen] = field(default_factory=dict, repr=False)
     _outputs: dict[str, tuple[str | Getter, ...]] = field(default_factory=dict, repr=False)
     #: the output template split into text and (field, index) references
     _template: tuple[str | tuple[str, int | None], ...] = field(default=(), repr=False)
@@ -155,10 +157,6 @@ class Rule:
         return "".join(p if isinstance(p, str) else _render(p(event)) for p in parts)
 
 
-def _position(entry: _Entry) -> int:
-    return entry[0]
-
-
 def _none(e: Any) -> None:
     return None
 
@@ -173,17 +171,22 @@ def _render(value: Any) -> str:
     return str(value)
 
 
-_Entry = tuple[int, Rule, Predicate]  # (load position, rule, test)
-# (guard getter, value -> entries it admits, every entry it guards)
-_Guard = tuple[Getter, dict[Any, tuple[_Entry, ...]], tuple[_Entry, ...]]
+#: (the clause bits a rule's screen needs, rule, test), in load order
+_Entry = tuple[int, Rule, Predicate]
+_Plan = tuple[tuple[Rule, Predicate], ...]
 
 
 class RuleSet:
     """Loaded rules, indexed by event kind so an event meets only its kind's rules.
 
-    Within a kind, rules whose condition requires ``field = v`` / ``field in (...)``
-    (most: ``proc.name in (...) and ...``) are filed under that field's values, so an
-    event is tried only against the rules its value admits, plus the unguarded ones.
+    Within a kind, each rule has a screen (language.Screen): clauses its condition needs,
+    such as ``proc.name in (...)`` or "the command line holds one of these words".  Per
+    event the index looks up the value of each screened field in one table for every
+    rule and searches each screened string once for every rule's words, which tells the
+    clauses that hold; only the rules all of whose clauses hold are evaluated (they and
+    the unscreened ones make the event's *plan*, remembered per set of clauses).
+    Screens are necessary conditions, so this finds exactly the rules that trying each
+    would.
     """
 
     def __init__(self, rules: Sequence[Rule], lists: Mapping[str, tuple[Any, ...]], macros: Mapping[str, Macro],
@@ -192,65 +195,170 @@ class RuleSet:
         self.lists = dict(lists)
         self.macros = dict(macros)
         self.files = list(files)
-        plain: dict[str, list[_Entry]] = {}
-        guarded: dict[str, dict[Getter, dict[Any, list[_Entry]]]] = {}
-        members: dict[str, dict[Getter, list[_Entry]]] = {}
-        for pos, rule in enumerate(self.rules):
+        by_kind: dict[str, list[tuple[Rule, Predicate, Screen]]] = {}
+        for rule in self.rules:
             if not rule.enabled:
                 continue
             for kind in rule.events:
                 test = rule.tests[kind]
-                if test is lang.NEVER:
-                    continue  # e.g. `evt.type = connect and ...` under flow
-                entry = (pos, rule, test)
-                guard = rule.guards.get(kind)
-                if guard is None:
-                    plain.setdefault(kind, []).append(entry)
-                    continue
-                get, keys = guard
-                members.setdefault(kind, {}).setdefault(get, []).append(entry)
-                table = guarded.setdefault(kind, {}).setdefault(get, {})
-                for key in keys:
-                    table.setdefault(key, []).append(entry)
-        self._index: dict[str, tuple[tuple[_Entry, ...], tuple[_Guard, ...]]] = {}
-        for kind in {*plain, *guarded}:
-            guards = tuple((get, {k: tuple(v) for k, v in table.items()}, tuple(members[kind][get]))
-                           for get, table in guarded.get(kind, {}).items())
-            self._index[kind] = (tuple(plain.get(kind, ())), guards)
+                if test is not lang.NEVER:  # e.g. `evt.type = connect and ...` under flow
+                    by_kind.setdefault(kind, []).append((rule, test, rule.screens[kind]))
+        self._index = {kind: _KindIndex(entries) for kind, entries in by_kind.items()}
 
     def match(self, event: Any) -> list[Rule]:
         """The enabled rules that match ``event``, in load order."""
         index = self._index.get(event.kind)
         if index is None:
             return []
-        plain, guards = index
-        if not guards:
-            return [rule for _, rule, test in plain if test(event)]
-        candidates = list(plain)
-        sources = 1 if plain else 0
-        for get, table, every in guards:
-            value = get(event)
-            cls = value.__class__
-            if cls is str or cls is int or cls is bool or cls is float:
-                hit = table.get(value)
-                if hit:
-                    candidates += hit
-                    sources += 1
-            elif value is not None:  # a list...: let the rules' own tests decide
-                candidates += every
-                sources += 1
-        if sources > 1:
-            candidates.sort(key=_position)
-        return [rule for _, rule, test in candidates if test(event)]
+        return [rule for rule, test in index.plan_for(event) if test(event)]
+
+    def candidates(self, event: Any) -> list[Rule]:
+        """The rules that the index leaves to try on ``event`` (those that match among them)."""
+        index = self._index.get(event.kind)
+        return [rule for rule, _ in index.plan_for(event)] if index is not None else []
 
     def rules_for(self, kind: str) -> list[Rule]:
         """The enabled rules an event of ``kind`` may be checked against, in load order."""
-        plain, guards = self._index.get(kind, ((), ()))
-        entries = [*plain, *(e for _, _, every in guards for e in every)]
-        return [rule for _, rule, _ in sorted(entries, key=_position)]
+        index = self._index.get(kind)
+        return [rule for _, rule, _ in index.entries] if index is not None else []
 
     def __len__(self) -> int:
         return len(self.rules)
+
+
+class _KindIndex:
+    """The rules of one event kind, their clauses numbered as bits, and the tables that
+    tell which clauses an event satisfies (see RuleSet)."""
+
+    #: plans remembered, at most (then they are forgotten and made again as needed)
+    PLANS = 4096
+
+    def __init__(self, entries: Sequence[tuple[Rule, Predicate, Screen]]) -> None:
+        bits: dict[lang.Clause, int] = {}
+        values: dict[Getter, dict[Any, int]] = {}
+        texts: dict[Getter, dict[str, int]] = {}
+        every: dict[Getter, int] = {}
+        self.entries: list[_Entry] = []
+        for rule, test, screen in entries:
+            needs = 0
+            for clause in screen:
+                bit = bits.setdefault(clause, 1 << len(bits))
+                needs |= bit
+                for atom in clause:
+                    every[atom.getter] = every.get(atom.getter, 0) | bit
+                    if isinstance(atom, lang.ValueIs):
+                        table = values.setdefault(atom.getter, {})
+                        table[atom.key] = table.get(atom.key, 0) | bit
+                    else:
+                        found = texts.setdefault(atom.getter, {})
+                        found[atom.text] = found.get(atom.text, 0) | bit
+            self.entries.append((needs, rule, test))
+        self.values = tuple((get, table, every[get]) for get, table in values.items())
+        self.texts = tuple((get, _TextSearch(found), every[get]) for get, found in texts.items())
+        self.plans: dict[int, _Plan] = {}
+
+    def plan_for(self, event: Any) -> _Plan:
+        """The rules to evaluate on ``event``: those whose clauses all hold on it."""
+        held = 0  # bits of the clauses that hold
+        for get, table, every in self.values:
+            value = get(event)
+            cls = value.__class__
+            if cls is str or cls is int or cls is bool or cls is float:
+                held |= table.get(value, 0)
+            elif value is not None:  # a list...: let the rules' own tests decide
+                held |= every
+        for get, search, every in self.texts:
+            value = get(event)
+            if value.__class__ is str:
+                held |= search(value)
+            elif value is not None:
+                held |= every
+        plan = self.plans.get(held)
+        return plan if plan is not None else self.plan(held)
+
+    def plan(self, held: int) -> _Plan:
+        """The rules to evaluate when the clauses in ``held`` hold: those that need no other."""
+        if len(self.plans) >= self.PLANS:
+            self.plans.clear()
+        plan = self.plans[held] = tuple((rule, test) for needs, rule, test in self.entries if needs & held == needs)
+        return plan
+
+
+class _TextSearch:
+    """Which of many texts a string holds, case-folded (language.fold), as the OR of their bits.
+
+    One regex, a trie, finds where the texts may start.  It costs little where a string
+    has a character no text starts with, much more where one does (and more the deeper a
+    place leads into the trie): so each text is looked for from its least common
+    character on (_anchor), and where that part is found the whole text is checked.  At a
+    place the trie matches the longest part there; the parts that are its prefixes are
+    there too.  Searching again from the next character finds every other place,
+    overlapping ones included.  A string that holds none, as most do, costs one search.
+    """
+
+    def __init__(self, texts: Mapping[str, int]) -> None:
+        starts: dict[str, list[tuple[int, str, int]]] = {}
+        for text, bits in texts.items():
+            at = _anchor(text)
+            starts.setdefault(text[at:], []).append((at, text, bits))
+        #: the longest part found at a place -> (its offset in a text, the text, its bits) to check
+        self._checks = {part: tuple(c for n in range(1, len(part) + 1) for c in starts.get(part[:n], ()))
+                        for part in starts}
+        self._all = functools.reduce(operator.or_, texts.values(), 0)
+        self._search = re.compile(_trie(starts)).search
+
+    def __call__(self, value: str) -> int:
+        text = lang.fold(value)
+        search, checks, every = self._search, self._checks, self._all
+        bits = 0
+        found = search(text)
+        while found is not None:
+            place = found.start()
+            for offset, whole, more in checks[found.group()]:
+                if offset <= place and text.startswith(whole, place - offset):
+                    bits |= more
+            if bits == every:
+                break
+            found = search(text, place + 1)
+        return bits
+
+
+#: characters by how often they are in command lines and paths, most often first (a
+#: guess; the rest, punctuation mostly, rarer still)
+_COMMON = " -/.etaoinsrlcudmpgxh0123456789b_=fywkvzjq"
+#: the shortest part of a text looked for in its place
+_ANCHOR_LENGTH = 3
+
+
+def _anchor(text: str) -> int:
+    """Where in ``text`` its least common character is (the first such place), leaving
+    _ANCHOR_LENGTH characters after it at least."""
+    last = max(0, len(text) - _ANCHOR_LENGTH)
+
+    def commonness(i: int) -> tuple[int, int]:
+        rank = _COMMON.find(text[i])
+        return (len(_COMMON) if rank < 0 else rank), -i
+
+    return max(range(last + 1), key=commonness)
+
+
+def _trie(texts: Iterable[str]) -> str:
+    """A regex of ``texts`` as a trie: at each place it matches the longest of them there."""
+    root: dict[str, Any] = {}
+    for text in texts:
+        node = root
+        for ch in text:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a text ends here
+
+    def pattern(node: dict[str, Any]) -> str:
+        branches = [re.escape(ch) + pattern(sub) for ch, sub in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer text first
+
+    return pattern(root)
 
 
 # ----------------------------------------------------------------- loading
@@ -744,7 +852,7 @@ class _Loader:
         ok = self.compile_output(rule, r, entry)
         for kind in r.events:
             compiler = lang.Compiler(self.registry.resolver(kind, also=r.events), lists=lists, macros=macros,
-                                     known_fields=known)
+                                     known_fields=known, coarse=self.registry.coarse)
             try:
                 cond = compiler.compile(r.node, r.condition)
             except RuleSyntaxError as e:
@@ -762,12 +870,16 @@ class _Loader:
             rule.conditions[kind] = cond
             rule.vetoes[kind] = tuple(vetoes)
             rule.tests[kind] = _with_vetoes(cond, vetoes)
-            guard = compiler.guard(r.node)
-            if guard is not None and cond is not lang.NEVER:
-                getter = compiler.resolver(guard[0].name, guard[0].index)
-                if getter is not None and not isinstance(getter, lang.Constant):
-                    rule.guards[kind] = (getter, guard[1])
+            screen = compiler.screen(r.node) if cond is not lang.NEVER else ()
+            rule.screens[kind] = tuple(frozenset(self.text_in_whole(atom) for atom in clause) for clause in screen)
         return rule if ok else None
+
+    def text_in_whole(self, atom: lang.Atom) -> lang.Atom:
+        """A text looked for in the field that holds the atom's one, if there is one: one
+        search of the larger string then serves the rules of both."""
+        if isinstance(atom, lang.TextHas) and (whole := self.registry.part_of.get(atom.getter)) is not None:
+            return lang.TextHas(whole, atom.text)
+        return atom
 
     def compile_output(self, rule: Rule, r: _RuleDef, entry: tuple[str, str | None]) -> bool:
         pieces: list[str | tuple[str, int | None]] = []
