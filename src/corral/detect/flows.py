@@ -542,6 +542,8 @@ _EINPROGRESS = 115
 
 def _plain_addr(addr: str) -> str:
     """::ffff:a.b.c.d as a.b.c.d: a dual-stack socket's IPv4 packets carry the plain form."""
+    if ":" not in addr or "." not in addr:  # IPv4, or IPv6 that is not v4-mapped (inet_ntop's forms)
+        return addr
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
