@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from corral.detect.engine import Alert, Engine
 from corral.detect.flows import FlowJoiner, FlowRecord, FlowSniffer, to_event
 from corral.monitor import Monitor
 from corral.respond.prevent import DeniedExec, ExecGuard
+from corral.sandbox.cgroups import LimitWatch, SandboxCgroup
 
 #: How often time-based detectors run.
 TICK_S = 0.5
@@ -39,8 +41,11 @@ LAUNCHER_EXES = frozenset({"/usr/bin/setpriv", "/usr/bin/nsenter", "/usr/bin/set
 class _Listener:
     on_event: Callable[[ev.Event], None]
     on_alert: Callable[[Alert], None]
-    #: called every tick: events the sandbox itself observed (its cgroup's limit hits)
+    #: events the sandbox itself observed (its cgroup's limit hits): called on the ticks when
+    #: the pipeline's LimitWatch says its counters may have moved, or every tick if it has none
     poll: Callable[[], list[ev.Event]] | None = None
+    #: notified after each alert was handled (on_alert returned: a freeze is done by then)
+    alerted: threading.Condition | None = None
 
 
 class Pipeline(threading.Thread):
@@ -55,6 +60,10 @@ class Pipeline(threading.Thread):
         self._scopes: dict[int, tuple[int, int]] = {}  # cgroup id -> (sandbox id, step)
         self._launching: dict[int, bool] = {}  # cgroup id -> forever (the holder's)
         self._listeners: dict[int, _Listener] = {}
+        #: sandboxes that poll without a LimitWatch entry: polled every tick
+        self._always_polled: set[int] = set()
+        self.limits = LimitWatch()
+        self._drops_seen = 0
         self._lock = threading.Lock()
         # What other threads hand the pipeline thread: events to detect on, and
         # work on the engine (which only this thread touches).
@@ -68,16 +77,28 @@ class Pipeline(threading.Thread):
 
     def add_sandbox(self, sandbox_id: int, listener_event: Callable[[ev.Event], None],
                     listener_alert: Callable[[Alert], None],
-                    poll: Callable[[], list[ev.Event]] | None = None) -> None:
+                    poll: Callable[[], list[ev.Event]] | None = None, *, limits: SandboxCgroup | None = None,
+                    alerted: threading.Condition | None = None) -> None:
+        """Deliver this sandbox's events and alerts.  `poll` reports its limit hits: with `limits`
+        (the cgroup whose counters it reads) only when they may have moved (LimitWatch), else every
+        tick.  `alerted` is notified after each of its alerts was handled."""
+        if limits is not None:
+            self.limits.add(sandbox_id, limits)
         with self._lock:
-            self._listeners[sandbox_id] = _Listener(listener_event, listener_alert, poll)
+            self._listeners[sandbox_id] = _Listener(listener_event, listener_alert, poll, alerted)
+            if poll is not None and limits is None:
+                self._always_polled.add(sandbox_id)
+            else:
+                self._always_polled.discard(sandbox_id)
 
     def remove_sandbox(self, sandbox_id: int) -> None:
         """Report what was folded for it, then forget it (call flush() first if its
         last events matter: the runner does, before it unwatches the steps)."""
         with self._lock:
             listener = self._listeners.pop(sandbox_id, None)
+            self._always_polled.discard(sandbox_id)
             self._scopes = {c: s for c, s in self._scopes.items() if s[0] != sandbox_id}
+        self.limits.remove(sandbox_id)
 
         def report_folds() -> None:
             for alert in self.engine.flush_folds(sandbox_id=sandbox_id):
@@ -147,6 +168,7 @@ class Pipeline(threading.Thread):
             try:
                 self._round()
             except (OSError, ValueError):
+                self.limits.close()
                 return  # the monitor was closed under us: nothing more to deliver
             with self._idle:
                 self._rounds += 1
@@ -160,9 +182,14 @@ class Pipeline(threading.Thread):
         batch = self.monitor.read(timeout=0.05)
         with self._lock:
             listeners = dict(self._listeners)
+        limits = self.limits
         for event in batch:
             if isinstance(event, ev.NetEvent):
                 self._joiner.observe(event)
+            elif isinstance(event, ev.ForkEvent):  # (the holder's cgroup included: its tasks count too)
+                limits.forked(event.sandbox_id)
+            elif isinstance(event, ev.ExitEvent):
+                limits.exited(event.sandbox_id, killed=event.signal == signal.SIGKILL)
             self._handle(event, listeners)
         self._handle_flows(records, listeners)
         for d in denied:
@@ -179,8 +206,21 @@ class Pipeline(threading.Thread):
             self._next_tick = now + TICK_S
             for alert in self.engine.tick():
                 self._deliver_alert(alert, listeners)
-            for listener in listeners.values():
-                for event in listener.poll() if listener.poll is not None else ():
+            self._poll_limits(listeners)
+
+    def _poll_limits(self, listeners: dict[int, _Listener]) -> None:
+        """Limit hits of the sandboxes whose counters may have moved (see LimitWatch)."""
+        drops = self.monitor.drops
+        if drops != self._drops_seen:  # lost records may have been the forks or exits that tell
+            self._drops_seen = drops
+            self.limits.records_lost()
+        due = self.limits.due()
+        with self._lock:
+            polled = [*due, *self._always_polled]
+        for sandbox_id in polled:
+            listener = listeners.get(sandbox_id)
+            if listener is not None and listener.poll is not None:
+                for event in listener.poll():
                     self._handle(event, listeners)
 
     def _handle_flows(self, records: list[FlowRecord], listeners: dict[int, _Listener]) -> None:
@@ -230,3 +270,6 @@ class Pipeline(threading.Thread):
         listener = listeners.get(alert.sandbox_id)
         if listener is not None:
             listener.on_alert(alert)
+            if listener.alerted is not None:
+                with listener.alerted:
+                    listener.alerted.notify_all()

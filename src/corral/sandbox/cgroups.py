@@ -11,12 +11,17 @@ enabled for its children).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import math
 import os
 import re
 import secrets
 import signal
+import struct
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -35,6 +40,9 @@ _POLL_S = 0.01
 _STALE_NAME = re.compile(r"sb-(\d+)-.+")
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: limit counters: (name in events(), controller, v1 file, v2 file, key in the file)
+_COUNTERS = (("oom_kill", "memory", "memory.oom_control", "memory.events", "oom_kill"),
+             ("pids_max", "pids", "pids.events", "pids.events", "max"))
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,42 @@ def _read_kv(file: Path) -> dict[str, int]:
         with contextlib.suppress(ValueError):  # a non-numeric line carries no counter
             out[key] = int(value)
     return out
+
+
+def _read_small(path: str) -> bytes | None:
+    """A small cgroup file's bytes (one read: the kernel makes these few lines whole on the first),
+    or None if it is not there (removed meanwhile, or not on this kernel).  Plain os calls: a third
+    of the cost of Path.read_text, for files read often."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def _read_int(path: str) -> int | None:
+    """A cgroup file holding one number; None if missing or not a number ("max")."""
+    data = _read_small(path)
+    try:
+        return int(data) if data is not None else None
+    except ValueError:
+        return None
+
+
+def _read_key(path: str, key: bytes) -> int | None:
+    """The value of `key` in a flat-keyed cgroup file ("key value" lines): 0 if the key is not in
+    it, None if the file is not there."""
+    data = _read_small(path)
+    if data is None:
+        return None
+    for line in data.splitlines():
+        name, _, value = line.partition(b" ")
+        if name == key:
+            return int(value)
+    return 0
 
 
 def _procs(cgroup: Path) -> list[int]:
@@ -222,9 +266,16 @@ class StepCgroup:
     def joiner(self) -> Callable[[], None]:
         """A preexec_fn: moves the child into this step (every hierarchy) and drops
         root's supplementary groups, before anything of the sandbox runs."""
-        paths = [str(p) for p in self.procs_files()]
+        # The v2 cgroup last, unlike procs_files(): joining it is what makes the sensor watch the
+        # child, and what corral's own child does before that (dropping its groups, opening the v1
+        # cgroup.procs files, which are under a watched prefix) is then not reported.  Its first
+        # event is the exec, so the process table learns it from that event and not by reading
+        # /proc (a few file reads per step, slow while hundreds of steps start at once).
+        first, *v1 = [str(p) for p in self.procs_files()]
+        paths = [*v1, first]
 
         def join() -> None:  # between fork and exec: plain os calls only
+            os.setgroups([])
             pid = str(os.getpid()).encode()
             for path in paths:
                 fd = os.open(path, os.O_WRONLY)
@@ -232,7 +283,6 @@ class StepCgroup:
                     os.write(fd, pid)
                 finally:
                     os.close(fd)
-            os.setgroups([])
 
         return join
 
@@ -280,6 +330,10 @@ class SandboxCgroup:
         self.path = cgroup2_root() / _BASE / name
         # controller -> this sandbox's directory in the v1 hierarchy carrying it (hybrid hosts only)
         self._v1 = {ctrl: mount / _BASE / name for ctrl, mount in _v1_mounts().items()}
+        # step leaf -> its v1 limit counters once it is empty for good (None while it may still count):
+        # v1 counts per step, and a sandbox of a long episode has many steps, most of them over
+        self._leaves: dict[str, dict[str, int] | None] = {}
+        self._leaves_lock = threading.Lock()
 
     def _v1_dirs(self) -> list[Path]:
         return list(dict.fromkeys(self._v1.values()))  # cpu and cpuacct may share a hierarchy
@@ -321,6 +375,8 @@ class SandboxCgroup:
         leaf = f"step-{step}"
         for d in self._dirs():
             _mkdir(d / leaf)
+        with self._leaves_lock:
+            self._leaves[leaf] = None
         return StepCgroup(step, self.path / leaf, [d / leaf for d in self._v1_dirs()])
 
     def holds(self, pid: int) -> bool:
@@ -389,17 +445,65 @@ class SandboxCgroup:
     def events(self) -> dict[str, int]:
         """How often the sandbox hit a limit: "oom_kill" (processes the OOM killer killed) and
         "pids_max" (forks refused), each present only where this host counts it."""
-        counts = {"oom_kill": self._count("memory", "memory.oom_control", "memory.events", "oom_kill"),
-                  "pids_max": self._count("pids", "pids.events", "pids.events", "max")}
-        return {k: n for k, n in counts.items() if n is not None}
+        # (Read with plain os calls on prepared paths: the pipeline calls this for many sandboxes.)
+        counts: dict[str, int] = {}
+        in_v1: list[tuple[str, Path, str, bytes]] = []
+        for name, ctrl, v1_file, v2_file, key in _COUNTERS:
+            if ctrl not in self._v1:  # v2 counts the whole subtree in the sandbox's own file
+                found = _read_key(f"{self.path}/{v2_file}", key.encode())
+                if found is not None:
+                    counts[name] = found
+            elif os.path.exists(f"{self._v1[ctrl]}/{v1_file}"):
+                counts[name] = 0
+                in_v1.append((name, self._v1[ctrl], v1_file, key.encode()))
+        if in_v1:
+            # v1 counts an event only in the cgroup it happened in: add up the steps (processes only
+            # ever go into step leaves).  What a step counted is final once it is empty for good, and
+            # its files are then not read again.
+            with self._leaves_lock:
+                leaves = list(self._leaves.items())
+            for leaf, final in leaves:
+                if final is None:
+                    final = self._final_v1_counts(leaf)
+                for name, d, v1_file, want in in_v1:
+                    counts[name] += final[name] if final is not None else _read_key(f"{d}/{leaf}/{v1_file}", want) or 0
+        return counts
 
-    def _count(self, ctrl: str, v1_file: str, v2_file: str, key: str) -> int | None:
-        # v1 counts an event only in the cgroup it happened in (a step): add up the subtree.
-        # v2 counts the whole subtree in the sandbox's own file.
-        in_v1 = ctrl in self._v1
-        files = [cg / v1_file for cg in _subtree(self._v1[ctrl])] if in_v1 else [self.path / v2_file]
-        files = [f for f in files if f.exists()]
-        return sum(_read_kv(f).get(key, 0) for f in files) if files else None
+    def _final_v1_counts(self, leaf: str) -> dict[str, int] | None:
+        """The v1 limit counters of a step that has had processes and has none left (so for good:
+        nothing moves a process back into a step), else None.  The v1 pids controller tells:
+        pids.current 0 and pids.peak not (a step made but not joined yet is empty too; joining
+        starts with the v1 hierarchies)."""
+        pids = self._v1.get("pids")
+        if pids is None:
+            return None  # no way to tell: such a step is read every time
+        if _read_int(f"{pids}/{leaf}/pids.current") != 0 or not _read_int(f"{pids}/{leaf}/pids.peak"):
+            return None  # running, not started, removed meanwhile, or a kernel without pids.peak
+        final = {name: _read_key(f"{self._v1[ctrl]}/{leaf}/{v1_file}", key.encode()) or 0
+                 for name, ctrl, v1_file, _v2_file, key in _COUNTERS if ctrl in self._v1}
+        with self._leaves_lock:
+            if leaf in self._leaves:
+                self._leaves[leaf] = final
+        return final
+
+    def pids_limit(self) -> int | None:
+        """The sandbox's pids.max, or None when it has none (or the host has no pids controller)."""
+        return _read_int(f"{self._v1.get('pids', self.path)}/pids.max")  # ("max": None)
+
+    def pids_peak(self) -> int | None:
+        """The most tasks the sandbox has had at once, or None where the kernel keeps no pids.peak."""
+        return _read_int(f"{self._v1.get('pids', self.path)}/pids.peak")
+
+    def pids_current(self) -> int:
+        """Tasks (threads included) in the sandbox now, as its pids controller counts them; 0 if none."""
+        return _read_int(f"{self._v1.get('pids', self.path)}/pids.current") or 0
+
+    def notifying_counters(self) -> dict[str, Path]:
+        """Controller -> the file holding its limit counter, for each counter whose file the kernel
+        notifies (inotify IN_MODIFY) when it changes: cgroup v2's memory.events and pids.events.
+        cgroup v1's pids.events and memory.oom_control never notify."""
+        files = {"memory": self.path / "memory.events", "pids": self.path / "pids.events"}
+        return {ctrl: f for ctrl, f in files.items() if ctrl not in self._v1 and f.exists()}
 
     def destroy(self) -> None:
         """Kill everything in the sandbox and remove its directories; safe to call again."""
@@ -453,3 +557,243 @@ def reap_stale() -> list[str]:
     reap_stale_holders()
     _remove_empty_bases()
     return reaped
+
+
+# ---------------------------------------------------------------------------- limit counters: when to look
+
+
+_IN_MODIFY = 0x2
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+#: a sandbox whose task estimate comes this close to its pids limit is looked at every tick
+_NEAR_MIN = 8
+
+
+@dataclass
+class _Limited:
+    cgroup: SandboxCgroup
+    wds: tuple[int, ...]  # inotify watches on its counter files that the kernel notifies
+    pids_max: int | None  # its pids limit, when refused forks must be inferred (not notified)
+    oom_from_exits: bool  # OOM kills not notified: inferred from SIGKILL exits
+    tasks: int = 0  # estimate: pids.current when last looked, + forks - exits seen since
+
+    @property
+    def near(self) -> int:
+        assert self.pids_max is not None
+        return self.pids_max - max(_NEAR_MIN, self.pids_max // 4)
+
+    @property
+    def swept(self) -> bool:
+        return self.pids_max is not None
+
+
+class LimitWatch:
+    """Which sandboxes' limit counters (SandboxCgroup.events) may have moved since the last look.
+
+    Reading every sandbox's counters on every tick costs file reads in proportion to the number of
+    sandboxes, whatever they do: at 500 idle sandboxes on cgroup v1 that was most of the pipeline
+    thread's time.  Instead:
+
+    - where the kernel notifies a counter file's changes (cgroup v2's memory.events and pids.events),
+      one inotify instance says which sandbox to look at, and nothing else is needed;
+    - where it does not (cgroup v1's memory.oom_control and pids.events: measured, no inotify event),
+      the events the pipeline reads stand in.  An OOM kill ends a process with SIGKILL, so such an
+      exit marks its sandbox (`exited`).  A fork is refused at the sandbox's pids limit only while
+      it is there, and only forks bring it there: an estimate of its tasks (pids.current when last
+      looked, plus forks, minus exits, since) that comes near the limit marks it, and it is then
+      looked at every tick until it is below again (`forked`).  Threads make no fork events: so a
+      sandbox with a pids limit is also checked once every `sweep` ticks, a slice of them at a time,
+      by one read of its pids.peak, and looked at if that ever reached the limit.  Records the
+      kernel dropped (`records_lost`) may have held those forks (the sweep covers them) or a SIGKILL
+      exit: if the host's OOM kill count (/proc/vmstat) moved since the last such check, every
+      sandbox whose OOM kills are inferred is looked at.
+
+    Not seen on v1: a fork refused, or an OOM kill whose victim is not in the sandbox, because of a
+    limit set above the sandbox (corral sets none there: its v1 directories hang off the root).
+    Counters are totals, so a sandbox looked at late loses nothing: its hits are reported then.
+    `forked`, `exited`, `records_lost`, `everything` and `due` are for the one thread that reads the events;
+    `add` and `remove` may be called from any thread.
+    """
+
+    def __init__(self, sweep: int = 10) -> None:
+        self.sweep = sweep
+        self._lock = threading.Lock()
+        self._limited: dict[int, _Limited] = {}
+        self._wd_key: dict[int, int] = {}
+        self._due: set[int] = set()
+        self._rotation: deque[int] = deque()  # swept keys, next first (removed keys are skipped)
+        self._swept = 0
+        self._credit = 0.0
+        self._fd: int | None = None
+        self._inotify_failed = False
+        self._host_ooms = _host_oom_kills()
+
+    # -- any thread ------------------------------------------------------------------------------
+
+    def add(self, key: int, cgroup: SandboxCgroup) -> None:
+        self.remove(key)
+        notified = self._watch(key, cgroup.notifying_counters())
+        kept = cgroup.events()  # the counters this host keeps
+        inferred = {ctrl for name, ctrl, *_files in _COUNTERS if name in kept and ctrl not in notified}
+        limited = _Limited(cgroup, tuple(notified.values()),
+                           pids_max=cgroup.pids_limit() if "pids" in inferred else None,
+                           oom_from_exits="memory" in inferred, tasks=cgroup.pids_current())
+        with self._lock:
+            self._limited[key] = limited
+            self._swept += int(limited.swept)
+            if limited.swept:
+                self._rotation.append(key)
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            limited = self._limited.pop(key, None)
+            if limited is not None:
+                self._swept -= int(limited.swept)
+            if len(self._rotation) > 2 * self._swept + 64:  # removed keys leave only when passed over
+                self._rotation = deque(k for k in dict.fromkeys(self._rotation)
+                                       if k in self._limited and self._limited[k].swept)
+        if limited is not None:
+            self._unwatch(limited.wds)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._limited.clear()
+            self._wd_key.clear()
+        if fd is not None:
+            os.close(fd)
+
+    # -- the thread that reads the events --------------------------------------------------------
+
+    def forked(self, key: int) -> None:
+        """A process of sandbox `key` forked."""
+        limited = self._limited.get(key)
+        if limited is None:
+            return
+        limited.tasks += 1
+        if limited.pids_max is not None and limited.tasks >= limited.near:
+            self._due.add(key)
+
+    def exited(self, key: int, killed: bool) -> None:
+        """A process of sandbox `key` exited; `killed`: by SIGKILL (as the OOM killer does)."""
+        limited = self._limited.get(key)
+        if limited is None:
+            return
+        limited.tasks = max(0, limited.tasks - 1)
+        if killed and limited.oom_from_exits:
+            self._due.add(key)
+
+    def records_lost(self) -> None:
+        """The kernel dropped event records: the forks and exits they held are unknown."""
+        ooms = _host_oom_kills()
+        if ooms != self._host_ooms:  # (None: no count to go by)
+            self._host_ooms = ooms
+            with self._lock:
+                self._due.update(k for k, limited in self._limited.items() if limited.oom_from_exits)
+
+    def everything(self) -> None:
+        """Look at every sandbox next time (notifications were lost: what they said is unknown)."""
+        with self._lock:
+            self._due.update(self._limited)
+
+    def due(self) -> list[int]:
+        """The sandboxes to look at now (call once per tick, then look at them)."""
+        self._drain()
+        due, self._due = self._due, set()
+        with self._lock:
+            # each swept sandbox once in `sweep` calls: a share of them each time, the fraction carried
+            self._credit = min(self._credit + self._swept / self.sweep, float(self._swept))
+            n = math.floor(self._credit + 1e-9)
+            self._credit -= n
+            swept: list[tuple[int, _Limited]] = []
+            while n > 0 and self._rotation:
+                key = self._rotation.popleft()
+                limited = self._limited.get(key)
+                if limited is None or not limited.swept:
+                    continue  # removed (or re-added, and queued again then)
+                self._rotation.append(key)
+                swept.append((key, limited))
+                n -= 1
+        for key, limited in swept:
+            # (a refusal at its own limit needs the sandbox there at least once: pids.peak says)
+            peak = limited.cgroup.pids_peak()
+            if peak is None or limited.pids_max is None or peak >= limited.pids_max:
+                due.add(key)
+        with self._lock:
+            looked = [(key, self._limited[key]) for key in due if key in self._limited]
+        for key, limited in looked:
+            if limited.pids_max is not None:
+                # Start the estimate again from the kernel's count (threads included); still near
+                # the limit, the sandbox is looked at again next tick.
+                limited.tasks = limited.cgroup.pids_current()
+                if limited.tasks >= limited.near:
+                    self._due.add(key)
+        return [key for key, _limited in looked]
+
+    # -- inotify -----------------------------------------------------------------------------------
+
+    def _watch(self, key: int, files: dict[str, Path]) -> dict[str, int]:
+        """Controller -> inotify watch on its counter file; those that could not be watched are left
+        out (and inferred from events instead)."""
+        if not files or self._inotify_failed:
+            return {}
+        with self._lock:
+            if self._fd is None:
+                fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+                if fd < 0:
+                    self._inotify_failed = True  # e.g. fs.inotify.max_user_instances reached
+                    return {}
+                self._fd = fd
+            watched = {}
+            for ctrl, file in files.items():
+                wd = _libc.inotify_add_watch(self._fd, os.fsencode(file), _IN_MODIFY)
+                if wd >= 0:
+                    watched[ctrl] = wd
+                    self._wd_key[wd] = key
+            return watched
+
+    def _unwatch(self, wds: tuple[int, ...]) -> None:
+        with self._lock:
+            for wd in wds:
+                if self._wd_key.pop(wd, None) is not None and self._fd is not None:
+                    _libc.inotify_rm_watch(self._fd, wd)  # EINVAL when the cgroup is gone already: fine
+
+    def _drain(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        while True:
+            try:
+                buf = os.read(fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            except OSError:  # closed under us
+                return
+            offset = 0
+            while offset + _INOTIFY_EVENT.size <= len(buf):
+                wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(buf, offset)
+                offset += _INOTIFY_EVENT.size + length
+                if mask & _IN_Q_OVERFLOW:
+                    self.everything()
+                    continue
+                with self._lock:
+                    key = self._wd_key.pop(wd, None) if mask & _IN_IGNORED else self._wd_key.get(wd)
+                if key is not None and not mask & _IN_IGNORED:
+                    self._due.add(key)
+
+
+def _host_oom_kills() -> int | None:
+    """Processes the OOM killer has killed on this host since boot (every memcg OOM kill included)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for line in data.splitlines():
+        if line.startswith(b"oom_kill "):
+            return int(line[9:])
+    return None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

@@ -66,8 +66,6 @@ WORKSPACE_ENTRIES = (".git/hooks/", ".git/config", "sitecustomize.py", "usercust
 RECENT_PER_STEP = 500
 _HOLDER_START_TIMEOUT_S = 10.0
 
-_STEP_POLL_S = 0.05
-
 
 class SandboxFrozen(CorralError):
     """A step was stopped because a rule froze its sandbox."""
@@ -248,7 +246,11 @@ class Sandbox:
         self.pipeline = _pipeline_for(self.monitor, self._rule_paths)
         self.pipeline.engine.context.add_sandbox(self.id, self.name, self.policy.mode, self.episode)
         self._limit_counts: dict[str, int] = {}
-        self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert, self._limit_hits)
+        # Notified by the pipeline after each alert was handled (its action may have frozen the
+        # sandbox), and by a step's output collector when it is done: what exec() waits on.
+        self._step_wake = threading.Condition()
+        self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert, self._limit_hits, limits=self.cgroup,
+                                  alerted=self._step_wake)
         stack.callback(self.pipeline.remove_sandbox, self.id)
         self.exec_guard = self.pipeline.exec_guard
         if self.exec_guard is not None:
@@ -367,23 +369,39 @@ class Sandbox:
                                                                                   subprocess.DEVNULL),
                                 stdout=pipe, stderr=pipe)
         deadline = None if timeout is None else time.monotonic() + timeout
+        # The step's output is collected by a thread of its own, blocked in communicate() until the
+        # step's processes close the pipes.  This thread sleeps until that, an alert (whose action
+        # may have frozen the sandbox) or the timeout: a poll loop here, in every sandbox running
+        # a step, would take the GIL from the pipeline thread thousands of times a second.
+        ended: list[tuple[str | None, str | None] | BaseException] = []
+
+        def collect() -> None:
+            try:
+                ended.append(proc.communicate(input=input))
+            except BaseException as e:  # (raised by exec, in the step's own thread)
+                ended.append(e)
+            with self._step_wake:
+                self._step_wake.notify_all()
+
+        threading.Thread(target=collect, name=f"corral-{self.name}-step-{number}", daemon=True).start()
         try:
             while True:
-                # In short waits, so a freeze (a rule's action) or the step's
-                # timeout ends the wait even while processes hold the pipes.
-                try:
-                    out, err = proc.communicate(input=input, timeout=_STEP_POLL_S)
+                with self._step_wake:
+                    if not ended and not self.frozen:
+                        self._step_wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if ended:
                     break
-                except subprocess.TimeoutExpired:
-                    input = None  # communicate() has sent it already
                 if self.frozen:
                     raise SandboxFrozen(f"sandbox {self.name} was frozen during step {number} by a rule's "
                                         "action; its evidence is taken: release() or close() it")
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() >= deadline:
                     for pid in step_cg.pids():
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
                     deadline = None
+            if isinstance(ended[0], BaseException):
+                raise ended[0]
+            out, err = ended[0]
         except SandboxFrozen:
             raise
         except BaseException:

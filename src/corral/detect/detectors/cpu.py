@@ -6,6 +6,16 @@ sandboxes it learns from exec, fork and connect events and forgets on exit.  The
 over 20 s, catches a miner throttled to half a CPU ("stealthier variants", docs/threats.md) while a
 compiler burst or a test run that pins a CPU for a few seconds stays under it.  The event lists
 the process's recent outbound peers, because a miner talks to its pool.
+
+A process seen from its birth has used no CPU at its start: that is its first sample, and /proc is
+not read until the window could be full, T seconds on.  Most processes (every short command of a
+step) never get that old and are never read: with hundreds of sandboxes running steps, reading every
+live process at every tick was a file read per process twice a second.  Learned from its fork, a
+process is seen from its birth; learned from an exec (a step's command, whose fork by corral's
+launcher is not reported), it is taken to be, and the first read checks its start time: one that
+started more than a second before (a process not seen from its birth) is then sampled from that
+read on, and concludes T seconds later than it would have.  One learned from a connect is read at
+the next tick, as before, for its start time.
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ from corral import events as ev
 from corral.detect.detectors._common import EINPROGRESS, NS, Lru, due, hostport, outbound
 
 _TICK_NS = NS // os.sysconf("SC_CLK_TCK")
+#: a process that started at most this long before it was first seen is taken as seen from its birth
+#: (a step's first process starts in corral's cgroup and is seen from its exec, milliseconds later)
+_BIRTH_SLACK_NS = NS
 
 
 @dataclass(slots=True)
@@ -25,7 +38,9 @@ class _Proc:
     origin: ev.Event  # the exec, fork or connect it was learned from (header of what we emit)
     pid: int
     ppid: int
+    seen_ns: int  # when it was first seen (that event's time)
     start: int = -1  # /proc starttime, to notice a reused pid
+    read_ns: int = 0  # when to read /proc next, at the first tick from then (0: the next tick)
     samples: deque[tuple[int, int]] = field(default_factory=deque)  # (now_ns, cpu ns)
     peers: dict[str, int] = field(default_factory=dict)  # "ip:port" -> last seen, in insertion order
     busy_ns: int = 0  # time spent saturated, counted from the first conclusion
@@ -78,10 +93,10 @@ class CpuSaturationDetector:
         t = event.type
         if t == ev.FORK and isinstance(event, ev.ForkEvent):
             child = event.child_pid
-            self._table(event).put(child, _Proc(event, child, event.pid))
+            self._table(event).put(child, self._born(event, child, event.pid))
         elif t == ev.EXEC:
             # the same process (its CPU time carries on), now known by its new image
-            self._table(event).touch(event.pid, lambda: _Proc(event, event.pid, event.ppid)).origin = event
+            self._table(event).touch(event.pid, lambda: self._born(event, event.pid, event.ppid)).origin = event
         elif t == ev.EXIT:
             table = self._sandboxes.get(event.sandbox_id or -event.cgroup_id)
             if table is not None:
@@ -89,7 +104,7 @@ class CpuSaturationDetector:
         elif t == ev.CONNECT:
             net = outbound(event)
             if net is not None and net.result in (0, -EINPROGRESS):
-                proc = self._table(net).touch(net.pid, lambda: _Proc(net, net.pid, net.ppid))
+                proc = self._table(net).touch(net.pid, lambda: _Proc(net, net.pid, net.ppid, net.ts_ns))
                 if proc.origin.pid != net.pid:
                     proc.origin = net  # learned from its fork: this event knows the process itself
                 peer = hostport(net.addr, net.port)
@@ -99,25 +114,52 @@ class CpuSaturationDetector:
                     del proc.peers[next(iter(proc.peers))]
         return []
 
+    def _born(self, event: ev.Event, pid: int, ppid: int) -> _Proc:
+        """A process taken to be born at `event`, with no CPU time used: the first sample, and nothing
+        to read before the window could be full."""
+        proc = _Proc(event, pid, ppid, event.ts_ns, read_ns=event.ts_ns + self.window_ns)
+        proc.samples.append((event.ts_ns, 0))
+        return proc
+
     def tick(self, now_ns: int) -> list[ev.DerivedEvent]:
         out: list[ev.DerivedEvent] = []
         for key, table in list(self._sandboxes.items()):
             for pid, proc in list(table.items()):
+                if now_ns < proc.read_ns:
+                    continue  # seen from its birth, and younger than the window
                 found = _cpu_ns(pid)
                 if found is None:
                     del table[pid]  # gone (its exit event may have been dropped)
                     continue
                 if found[0] != proc.start:
-                    if proc.start != -1:
+                    if proc.start != -1 or not self._first_read(proc, found[0]):
                         del table[pid]  # the pid was reused (the exit was lost): not the process we knew
                         continue
-                    proc.start = found[0]
+                    if now_ns < proc.read_ns:
+                        continue
                 event = self._sample(proc, now_ns, found[1])
                 if event is not None:
                     out.append(event)
             if not table:
                 del self._sandboxes[key]
         return out
+
+    def _first_read(self, proc: _Proc, start: int) -> bool:
+        """Take the process's /proc starttime (clock ticks since boot); False if it shows a process
+        started after this one was seen: its pid was reused."""
+        proc.start = start
+        start_ns = start * _TICK_NS
+        if start_ns > proc.seen_ns:
+            return False
+        if start_ns >= proc.seen_ns - _BIRTH_SLACK_NS:
+            # seen from (about) its birth: no CPU time used at its start, the first sample
+            proc.samples.clear()
+            proc.samples.append((start_ns, 0))
+            proc.read_ns = max(proc.read_ns, start_ns + self.window_ns)
+        else:
+            proc.samples.clear()  # older than it was taken to be: its CPU time so far is not the window's
+            proc.read_ns = 0
+        return True
 
     def _sample(self, proc: _Proc, now: int, cpu: int) -> ev.DerivedEvent | None:
         samples = proc.samples

@@ -16,6 +16,7 @@ going out.
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 
 from corral import events as ev
@@ -74,6 +75,10 @@ class CredThenEgressDetector:
         self.max_paths = max_paths
         self._steps: Lru[StepKey, _Step] = Lru(max_steps)
         self._last_egress: Lru[tuple[int, int], tuple[int, tuple[str, int]]] = Lru(max_senders)
+        # every read, oldest first, for tick() to expire: it looks at what is due, not at every step
+        # (with hundreds of sandboxes, each step that read a canary was looked at twice a second)
+        self._expiry: deque[tuple[int, StepKey, str]] = deque()
+        self._max_expiry = max_steps * max_paths
 
     def feed(self, event: ev.Event) -> list[ev.DerivedEvent]:
         t = event.type
@@ -81,10 +86,15 @@ class CredThenEgressDetector:
             if isinstance(event, ev.FileEvent) and event.result >= 0:
                 kind = credential_kind(event)
                 if kind is not None:
-                    step = self._steps.touch(step_key(event), _Step)
+                    key = step_key(event)
+                    step = self._steps.touch(key, _Step)
                     reads = step.reads
                     reads.pop(event.path, None)
                     reads[event.path] = (event.ts_ns, kind)
+                    self._expiry.append((event.ts_ns, key, event.path))
+                    if len(self._expiry) > self._max_expiry:  # re-reads left stale entries: keep the live
+                        self._expiry = deque(sorted((ts, k, path) for k, st in self._steps.items()
+                                                    for path, (ts, _kind) in st.reads.items()))
                     if len(reads) > self.max_paths:
                         del reads[next(iter(reads))]
                     return self._sent_before(event, step, kind)
@@ -140,8 +150,14 @@ class CredThenEgressDetector:
 
     def tick(self, now_ns: int) -> list[ev.DerivedEvent]:
         since = now_ns - self.window_ns
-        for key, step in list(self._steps.items()):
-            for path in [p for p, (ts, _) in step.reads.items() if ts < since]:
+        expiry = self._expiry
+        while expiry and expiry[0][0] < since:
+            ts, key, path = expiry.popleft()
+            step = self._steps.get(key)
+            if step is None:
+                continue  # forgotten already (the least recent, past max_steps)
+            read = step.reads.get(path)
+            if read is not None and read[0] == ts:  # (not read again since)
                 del step.reads[path]
             if not step.reads and not step.reported:
                 del self._steps[key]  # (what was reported stays, until the step is the least recent)
