@@ -503,11 +503,12 @@ class Sandbox:
     def _on_alert(self, alert: Alert) -> None:
         respond(alert, self)
         self.alerts.append(alert)
-        record = alert.to_dict()
-        if self._recorder is not None:
-            self._recorder.alert(record)
-        if self._alerts_file is not None:
-            self._alerts_file.write(json.dumps(record) + "\n")
+        if self._recorder is not None or self._alerts_file is not None:
+            record = alert.to_dict()
+            if self._recorder is not None:
+                self._recorder.alert(record)
+            if self._alerts_file is not None:
+                self._alerts_file.write(json.dumps(record) + "\n")
         if self._alert_hook is not None:
             self._alert_hook(alert)
 
