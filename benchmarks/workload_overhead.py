@@ -61,6 +61,9 @@ from corral.sandbox.runner import STATE_DIR, start_holder
 
 TARGET = 1.03  # at most 3% more wall time, median
 STEP_POLL_S = 0.05  # as Sandbox.exec
+#: A round is *quiet* when, during each of its runs, processes other than the step and this
+#: benchmark's own used less than this share of the machine's CPUs (see others_cpu_since).
+QUIET_SHARE = 0.10
 
 
 # -- the workloads ----------------------------------------------------------------------------------
@@ -373,6 +376,20 @@ class Contained:
 
 # -- one run of each kind ---------------------------------------------------------------------------
 
+def machine_busy_s() -> float:
+    """CPU seconds all CPUs have spent not idle since boot (/proc/stat), time stolen by the
+    hypervisor included: what this guest's CPUs did not give to whoever wanted them."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cpu_since(busy0: float, own0: float, step_cpu_s: float) -> float:
+    """CPU seconds used since (busy0, own0) by everything but the step (its cgroup) and this
+    process: other people's work on this shared machine, which slows a run down by chance."""
+    return max(0.0, machine_busy_s() - busy0 - step_cpu_s - (time.process_time() - own0))
+
+
 @dataclass
 class Run:
     wall_s: float
@@ -382,6 +399,12 @@ class Run:
     read: int = 0  # read from the ring (corral's launcher included)
     drops: int = 0
     alerts: tuple[str, ...] = ()
+    others_cpu_s: float = 0.0  # used meanwhile by processes that are neither the step nor ours
+
+    @property
+    def others_share(self) -> float:
+        """Of the machine's CPUs, the share other people's processes took during the run."""
+        return self.others_cpu_s / (self.wall_s * (os.cpu_count() or 1))
 
 
 def run_contained(src: Path, command: str, ws: Path) -> Run:
@@ -389,16 +412,18 @@ def run_contained(src: Path, command: str, ws: Path) -> Run:
     box = Contained(ws)
     try:
         cpu0 = box.cgroup.cpu_usage_ns()
+        busy0, own0 = machine_busy_s(), time.process_time()
         t0 = time.perf_counter()
         code, err = box.exec(command)
         wall = time.perf_counter() - t0
         cpu = (box.cgroup.cpu_usage_ns() - cpu0) / 1e9
+        others = others_cpu_since(busy0, own0, cpu)
     finally:
         box.close()
         shutil.rmtree(ws, ignore_errors=True)
     if code != 0:
         raise RuntimeError(f"contained run of {command!r} failed ({code}): {err[-2000:]}")
-    return Run(wall, cpu)
+    return Run(wall, cpu, others_cpu_s=others)
 
 
 def child_main(spec_path: Path) -> int:
@@ -430,16 +455,19 @@ def child_main(spec_path: Path) -> int:
                     sb.flush_events()
                     drops0, read0 = monitor.drops, read_total[0]
                     cpu0, mon0 = sb.cgroup.cpu_usage_ns(), time.clock_gettime_ns(pipeline_clock)
+                    busy0, own0 = machine_busy_s(), time.process_time()
                     t0 = time.perf_counter()
                     res = sb.exec(command)
                     wall = time.perf_counter() - t0
                     cpu, mon = sb.cgroup.cpu_usage_ns() - cpu0, time.clock_gettime_ns(pipeline_clock) - mon0
+                    others = others_cpu_since(busy0, own0, cpu / 1e9)
                     sb.flush_events()
                     if res.exit_code != 0:
                         raise RuntimeError(f"monitored run of {name} failed ({res.exit_code}): {res.stderr[-2000:]}")
                     out[name] = {"wall_s": wall, "cpu_s": cpu / 1e9, "monitor_cpu_s": mon / 1e9,
                                  "events": len(sb.events), "read": read_total[0] - read0,
-                                 "drops": monitor.drops - drops0, "alerts": [a.rule for a in sb.alerts]}
+                                 "drops": monitor.drops - drops0, "alerts": [a.rule for a in sb.alerts],
+                                 "others_cpu_s": others}
             finally:
                 shutil.rmtree(ws, ignore_errors=True)
     Path(spec["result"]).write_text(json.dumps(out))
@@ -467,7 +495,7 @@ def run_monitored(work: Path, workloads: dict[str, tuple[Path, str]]) -> dict[st
     if rc != 0:
         raise RuntimeError(f"the monitored block failed (exit {rc})")
     return {n: Run(d["wall_s"], d["cpu_s"], d["monitor_cpu_s"], d["events"], d["read"], d["drops"],
-                   tuple(d["alerts"])) for n, d in json.loads(result.read_text()).items()}
+                   tuple(d["alerts"]), d["others_cpu_s"]) for n, d in json.loads(result.read_text()).items()}
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -594,8 +622,34 @@ def report(contained: dict[str, list[Run]], monitored: dict[str, list[Run]], rou
         f"{load[1]:.2f} {load[2]:.2f}. On this shared 2-core machine other people's work comes and goes within "
         "seconds, which is what the min – max spreads mostly show; CPU time is the cgroup's as this guest's "
         "kernel counts it, so time the hypervisor gives to other guests inflates it too.",
+        "",
+        *quiet_lines(contained, monitored, rounds),
     ]
     return lines, bool(missed_names) or not total_ok
+
+
+def quiet_lines(contained: dict[str, list[Run]], monitored: dict[str, list[Run]], rounds: int) -> list[str]:
+    """How busy other people kept the machine during the runs, and the figures over the rounds in
+    which they did not: on a shared machine those are the closest to what a quiet host would see."""
+    runs = [r for kind in (contained, monitored) for runs in kind.values() for r in runs]
+    share = _bench.stats([r.others_share for r in runs])
+    quiet = [i for i in range(rounds)
+             if all(k[n][i].others_share < QUIET_SHARE for k in (contained, monitored) for n in WORKLOADS)]
+    lines = [f"*Others*: during a run, processes other than the step and this benchmark's own (from /proc/stat, "
+             f"time stolen by the hypervisor included) used {share.median:.0%} of the machine's CPUs (median; "
+             f"{share.lo:.0%} – {share.hi:.0%}). "]
+    if not quiet:
+        lines[0] += f"No round was quiet (others under {QUIET_SHARE:.0%} during every run of the round)."
+        return lines
+    total = _bench.stats([sum(monitored[n][i].wall_s for n in WORKLOADS)
+                          / sum(contained[n][i].wall_s for n in WORKLOADS) for i in quiet])
+    per_workload = {n: _bench.stats([monitored[n][i].wall_s / contained[n][i].wall_s for i in quiet])
+                    for n in WORKLOADS}
+    per = ", ".join(f"{n} {_bench.pct(st.median)}" for n, st in per_workload.items())
+    lines[0] += (f"Over the {len(quiet)} quiet round{'s' if len(quiet) != 1 else ''} (others under "
+                 f"{QUIET_SHARE:.0%} during every run of the round): all four {_bench.pct(total.median)} wall time "
+                 f"({_bench.pct(total.lo)} – {_bench.pct(total.hi)}); {per}.")
+    return lines
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ struct {
  * record, and the default (flags 0) does it for every record while the reader
  * keeps up, which a good reader always does: that alone made watched processes
  * ~80% slower.  The reader therefore also wakes on its own every few ms
- * (Sensor.read polls in short slices), which bounds the latency.
+ * (Sensor.read polls in short slices), which bounds the latency, or, once the
+ * ring has been quiet a while, asks to be woken by the next record
+ * (reader_asleep below).
  */
 #define WAKEUP_BYTES (256 * 1024)
 
@@ -59,10 +61,49 @@ static __always_inline __u64 wakeup_flags(__u64 pending, __u64 size)
 									  : BPF_RB_NO_WAKEUP;
 }
 
+/*
+ * Set by a reader that has stopped polling (after some quiet, see Sensor.read):
+ * the next record wakes it, once.  Polling every few ms costs the reader CPU on
+ * the cores the watched workload runs on even while nothing happens; one
+ * wake-up per quiet spell costs one irq_work.  Written by user space through a
+ * shared mapping, cleared by whichever record wakes the reader.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+} reader_asleep SEC(".maps");
+
+/*
+ * Called after a record is committed.  The commit is a full barrier (an xchg
+ * on the record's header) between the record becoming visible and this load,
+ * and the reader orders its store of the flag before its last look at the
+ * ring: so either it sees the record, or this sees the flag.  The wake-up is a
+ * discarded 8-byte record: a commit is the only way to wake a ring's reader.
+ */
+static __always_inline void wake_reader_if_asleep(void)
+{
+	__u32 zero = 0;
+	__u32 *asleep = bpf_map_lookup_elem(&reader_asleep, &zero);
+	void *r;
+
+	if (!asleep || !*(volatile __u32 *)asleep)
+		return;
+	*asleep = 0;
+	r = bpf_ringbuf_reserve(&events, 8, 0);
+	if (r)
+		bpf_ringbuf_discard(r, BPF_RB_FORCE_WAKEUP);
+}
+
 /* Submit a reserved record (already counted in the ring's available data). */
-#define SUBMIT(e)                                                                      \
-	bpf_ringbuf_submit(e, wakeup_flags(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA), \
-					   sizeof(*(e)) + 8))
+#define SUBMIT(e)                                                                           \
+	do {                                                                                \
+		bpf_ringbuf_submit(e, wakeup_flags(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA), \
+						   sizeof(*(e)) + 8));                            \
+		wake_reader_if_asleep();                                                    \
+	} while (0)
 
 /* Records the kernel could not reserve in the ring buffer, per CPU. */
 struct {
@@ -97,23 +138,11 @@ struct {
 	__type(value, __u32);
 } watched_inodes SEC(".maps");
 
-/* Syscall arguments saved at entry for the exit handler. LRU: a task killed
- * inside a syscall never reaches its exit tracepoint. */
-struct inflight {
-	__u64 args[4];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct inflight);
-} inflight SEC(".maps");
-
 /* Per-CPU room for records and paths too large for the 512-byte stack. */
 struct scratch {
 	char buf[2 * PATH_LEN];
 	struct path_key key;
+	char path1[PATH_LEN];  /* rename: the old name, kept while the new one is resolved */
 	struct exec_event exec;
 };
 
@@ -207,18 +236,36 @@ static __always_inline struct sys_event *reserve_sys(__u32 type, const struct wa
 	if (!w)                                    \
 		return 0
 
+/*
+ * The current syscall's arguments, read in its exit handler from the user
+ * registers saved at entry (the syscalls read this way leave them as they
+ * were).  This replaces an entry program that saved them in a hash map: that
+ * was a second program run and a map update, lookup and delete per call, for
+ * every open of every watched process.  The registers are those the syscall
+ * used: ptrace changes them before the entry tracepoint, not after it.
+ */
+static __always_inline struct pt_regs *syscall_regs(void)
+{
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
 /* ---- files, sockets and paths ------------------------------------------ */
 
-static __always_inline struct file *task_fd_file(struct task_struct *task, long fd)
+/* The current task's open file `fd`.  The task and its fd table are read with
+ * plain loads through the task's BTF pointer (bpf_get_current_task_btf), not
+ * one bpf_probe_read_kernel() each: this runs for every open of a watched
+ * process. */
+static __always_inline struct file *fd_file(long fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
 	struct file **fds;
 	struct file *f = NULL;
 
-	if (fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0 || fd >= fdt->max_fds)
 		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
-	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	fds = fdt->fd;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
 	return f;
 }
 
@@ -233,9 +280,7 @@ static __always_inline struct socket *file_socket(struct file *f)
 
 static __always_inline struct socket *fd_socket(long fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-
-	return file_socket(task_fd_file(task, fd));
+	return file_socket(fd_file(fd));
 }
 
 /* Type, protocol, local port and (when `peer`) the remote end of a socket. */
@@ -320,12 +365,62 @@ static __always_inline void read_user_sockaddr(struct net_event *e, const void *
 	}
 }
 
+/*
+ * What the walk needs of a dentry (its parent and name) and of a mount (its
+ * parent, where it is mounted, its root), each in one bpf_probe_read_kernel()
+ * where the fields are adjacent, as they are in every kernel we know of: the
+ * walk runs for every open of every watched process, and these reads were
+ * most of its cost at one read per field.  The CO-RE offsets decide at load
+ * time; another layout gets one read per field.
+ */
+struct dentry_up {
+	struct dentry *parent;
+	struct qstr name;
+};
+
+struct mount_up {
+	struct mount *parent;
+	struct dentry *mountpoint;
+	struct dentry *root;      /* of this mount's vfsmount */
+};
+
+static __always_inline void read_dentry_up(struct dentry *d, struct dentry_up *up)
+{
+	__u32 parent = bpf_core_field_offset(struct dentry, d_parent);
+
+	if (bpf_core_field_offset(struct dentry, d_name) == parent + sizeof(up->parent)) {
+		if (bpf_probe_read_kernel(up, sizeof(*up), (void *)d + parent) == 0)
+			return;
+		up->parent = d; /* unreadable: stop here, as at a root */
+		return;
+	}
+	up->parent = BPF_CORE_READ(d, d_parent);
+	up->name = BPF_CORE_READ(d, d_name);
+}
+
+static __always_inline void read_mount_up(struct mount *m, struct mount_up *up)
+{
+	__u32 parent = bpf_core_field_offset(struct mount, mnt_parent);
+
+	if (bpf_core_field_offset(struct mount, mnt_mountpoint) == parent + sizeof(up->parent) &&
+	    bpf_core_field_offset(struct mount, mnt) + bpf_core_field_offset(struct vfsmount, mnt_root) ==
+		    parent + 2 * sizeof(up->parent)) {
+		if (bpf_probe_read_kernel(up, sizeof(*up), (void *)m + parent) == 0)
+			return;
+		up->parent = m; /* unreadable: treat as the namespace root */
+		up->root = NULL;
+		return;
+	}
+	up->parent = BPF_CORE_READ(m, mnt_parent);
+	up->mountpoint = BPF_CORE_READ(m, mnt_mountpoint);
+	up->root = BPF_CORE_READ(m, mnt.mnt_root);
+}
+
 struct walk_ctx {
 	struct scratch *s;
 	struct dentry *dentry;
-	struct vfsmount *vfsmnt;
 	struct mount *mnt;
-	struct mount *mnt_parent;
+	struct mount_up m;   /* of mnt */
 	__u32 off;
 	bool last;
 };
@@ -333,39 +428,34 @@ struct walk_ctx {
 /* One step of walk_path: prepend one name, or cross one mount point. */
 static long walk_step(__u32 i, struct walk_ctx *c)
 {
-	/* locals, not c->...: BPF_CORE_READ would relocate walk_ctx fields too */
 	struct dentry *dentry = c->dentry;
-	struct vfsmount *vfsmnt = c->vfsmnt;
-	struct mount *mnt = c->mnt;
-	struct dentry *mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
-	struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
-	struct qstr name;
+	struct dentry_up up;
 	__u32 len, off;
 
-	if (dentry == mnt_root || dentry == parent) {
-		if (dentry != mnt_root || mnt == c->mnt_parent)
-			return 1; /* the namespace root, or an unreachable dentry */
-		c->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
-		mnt = c->mnt_parent;
-		c->mnt = mnt;
-		c->mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
-		c->vfsmnt = &mnt->mnt;
+	if (dentry == c->m.root) {
+		if (c->mnt == c->m.parent)
+			return 1; /* the root of the namespace's mount tree */
+		c->dentry = c->m.mountpoint;
+		c->mnt = c->m.parent;
+		read_mount_up(c->mnt, &c->m);
 		return 0;
 	}
-	name = BPF_CORE_READ(dentry, d_name);
-	len = (name.len + 1) & (PATH_LEN - 1); /* the name and its '/' */
+	read_dentry_up(dentry, &up);
+	if (up.parent == dentry)
+		return 1; /* the root of a filesystem that is not mounted here: unreachable */
+	len = (up.name.len + 1) & (PATH_LEN - 1); /* the name and its '/' */
 	off = c->off;
 	if (len == 0 || len + 1 > off)
 		return 1; /* too deep for the buffer: keep the tail we have */
 	off -= len;
 	/* writes the name and a NUL; the NUL becomes the '/' after it */
-	if (bpf_probe_read_kernel_str(&c->s->buf[off & (PATH_LEN - 1)], len, name.name) < 0)
+	if (bpf_probe_read_kernel_str(&c->s->buf[off & (PATH_LEN - 1)], len, up.name.name) < 0)
 		return 1;
 	if (!c->last)
 		c->s->buf[(off + len - 1) & (2 * PATH_LEN - 1)] = '/';
 	c->last = false;
 	c->off = off;
-	c->dentry = parent;
+	c->dentry = up.parent;
 	return 0;
 }
 
@@ -379,18 +469,16 @@ static long walk_step(__u32 i, struct walk_ctx *c)
  */
 static __always_inline __u32 walk_path(struct scratch *s, const struct path *path)
 {
+	/* path is a copy on our stack: plain loads */
 	struct walk_ctx c = {
 		.s = s,
-		.dentry = BPF_CORE_READ(path, dentry),
-		.vfsmnt = BPF_CORE_READ(path, mnt),
+		.dentry = path->dentry,
 		.off = PATH_LEN,
 		.last = true,
 	};
 
-	struct mount *mnt = container_of(c.vfsmnt, struct mount, mnt);
-
-	c.mnt = mnt;
-	c.mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
+	c.mnt = container_of(path->mnt, struct mount, mnt);
+	read_mount_up(c.mnt, &c.m);
 	s->buf[PATH_LEN] = 0;
 	bpf_loop(MAX_PATH_DEPTH, walk_step, &c, 0);
 	c.off = (c.off - 1) & (PATH_LEN - 1);
@@ -406,10 +494,11 @@ static __always_inline __u32 walk_path(struct scratch *s, const struct path *pat
  */
 static __always_inline long resolve_user_path(struct scratch *s, long dfd, const char *uname)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct task_struct *task = bpf_get_current_task_btf();
 	char head[2] = {};
 	__u32 off;
 
+	s->key.path[0] = 0; /* no stale name from an earlier call if this one fails */
 	if (!uname || bpf_probe_read_user(head, 2, uname) < 0)
 		return 0;
 	if (head[0] == '/')
@@ -424,11 +513,12 @@ static __always_inline long resolve_user_path(struct scratch *s, long dfd, const
 	}
 	/* dfd is an int in a 64-bit register: compare its low 32 bits */
 	if ((int)dfd == AT_FDCWD) {
-		struct path pwd = BPF_CORE_READ(task, fs, pwd);
+		struct path pwd;
 
+		bpf_probe_read_kernel(&pwd, sizeof(pwd), &task->fs->pwd);
 		off = walk_path(s, &pwd);
 	} else {
-		struct file *f = task_fd_file(task, (int)dfd);
+		struct file *f = fd_file((int)dfd);
 		struct path fpath;
 
 		if (!f)
@@ -469,9 +559,9 @@ static __always_inline struct scratch *get_scratch(void)
 
 /* ---- process lifecycle -------------------------------------------------- */
 
-static __always_inline bool fd_is_socket(struct task_struct *task, int fd)
+static __always_inline bool fd_is_socket(int fd)
 {
-	return file_socket(task_fd_file(task, fd)) != NULL;
+	return file_socket(fd_file(fd)) != NULL;
 }
 
 SEC("tp/sched/sched_process_exec")
@@ -512,11 +602,11 @@ int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 	off = walk_path(s, &pwd);
 	bpf_probe_read_kernel_str(e->cwd, sizeof(e->cwd), &s->buf[off & (PATH_LEN - 1)]);
 
-	if (fd_is_socket(task, 0))
+	if (fd_is_socket(0))
 		e->flags |= EXEC_STDIN_SOCKET;
-	if (fd_is_socket(task, 1))
+	if (fd_is_socket(1))
 		e->flags |= EXEC_STDOUT_SOCKET;
-	if (fd_is_socket(task, 2))
+	if (fd_is_socket(2))
 		e->flags |= EXEC_STDERR_SOCKET;
 
 	size = offsetof(struct exec_event, args) + len;
@@ -524,6 +614,8 @@ int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 	if (bpf_ringbuf_output(&events, e, size, wakeup_flags(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA)
 							      + size + 8, size + 8)) < 0)
 		count_drop();
+	else
+		wake_reader_if_asleep();
 
 	/* A memfd has no path: its image never touched a filesystem. */
 	exe_name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name);
@@ -579,30 +671,6 @@ int handle_exit(void *ctx)
 
 /* ---- network ------------------------------------------------------------ */
 
-/* Takes the values, not ctx: a program may read only the arguments its
- * syscall has, or attaching it fails with EACCES. */
-static __always_inline int save_args(long a0, long a1, long a2)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight v = { .args = { a0, a1, a2, 0 } };
-
-	bpf_map_update_elem(&inflight, &id, &v, BPF_ANY);
-	return 0;
-}
-
-/* Fetch and forget the arguments saved at entry. */
-static __always_inline bool take_args(struct inflight *out)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight *v = bpf_map_lookup_elem(&inflight, &id);
-
-	if (!v)
-		return false;
-	*out = *v;
-	bpf_map_delete_elem(&inflight, &id);
-	return true;
-}
-
 static __always_inline struct net_event *reserve_net(__u32 type, const struct watch *w,
 						       __u64 cgid)
 {
@@ -623,31 +691,50 @@ static __always_inline struct net_event *reserve_net(__u32 type, const struct wa
 	return e;
 }
 
-SEC("tp/syscalls/sys_enter_connect")
-int enter_connect(struct trace_event_raw_sys_enter *ctx)
+/* The first bytes of a user sockaddr: its family. */
+static __always_inline __u16 user_family(const void *uaddr, long len)
 {
-	WATCHED_OR_RETURN(w, cgid);
-	return save_args(ctx->args[0], ctx->args[1], ctx->args[2]);
+	__u16 family = 0;
+
+	if (uaddr && len >= 2)
+		bpf_probe_read_user(&family, sizeof(family), uaddr);
+	return family;
 }
+
+/*
+ * A record reserved and then found not worth reporting.  Discarding with
+ * flags 0 wakes the reader like a submit does (an irq_work, then a reader
+ * woken for nothing), which made every discard cost tens of µs in the
+ * syscall: callers decide before reserving, and this is for the rest.
+ */
+#define DISCARD(e) bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP)
 
 /* connect and bind: the address comes from the caller, the result from the exit */
 static __always_inline int exit_sockaddr_call(struct trace_event_raw_sys_exit *ctx, __u32 type)
 {
-	struct inflight args;
+	struct pt_regs *regs;
 	struct net_event *e;
+	const void *uaddr;
+	long fd, len;
+	__u16 family;
 
 	WATCHED_OR_RETURN(w, cgid);
-	if (!take_args(&args))
-		return 0;
+	regs = syscall_regs();
+	fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	uaddr = (const void *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+	len = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	family = user_family(uaddr, len);
+	if (family != AF_INET && family != AF_INET6 && family != AF_UNIX)
+		return 0; /* netlink, packet, ...: not network egress */
 	e = reserve_net(type, w, cgid);
 	if (!e)
 		return 0;
 	e->result = ctx->ret;
-	e->fd = args.args[0];
-	read_user_sockaddr(e, (const void *)args.args[1], args.args[2]);
-	read_socket(e, fd_socket(args.args[0]), false);
+	e->fd = fd;
+	read_user_sockaddr(e, uaddr, len);
+	read_socket(e, fd_socket(fd), false);
 	if (e->family != AF_INET && e->family != AF_INET6 && e->family != AF_UNIX) {
-		bpf_ringbuf_discard(e, 0); /* netlink, packet, ...: not network egress */
+		DISCARD(e); /* the caller rewrote its sockaddr meanwhile */
 		return 0;
 	}
 	SUBMIT(e);
@@ -660,42 +747,27 @@ int exit_connect(struct trace_event_raw_sys_exit *ctx)
 	return exit_sockaddr_call(ctx, EV_CONNECT);
 }
 
-SEC("tp/syscalls/sys_enter_bind")
-int enter_bind(struct trace_event_raw_sys_enter *ctx)
-{
-	WATCHED_OR_RETURN(w, cgid);
-	return save_args(ctx->args[0], ctx->args[1], ctx->args[2]);
-}
-
 SEC("tp/syscalls/sys_exit_bind")
 int exit_bind(struct trace_event_raw_sys_exit *ctx)
 {
 	return exit_sockaddr_call(ctx, EV_BIND);
 }
 
-SEC("tp/syscalls/sys_enter_listen")
-int enter_listen(struct trace_event_raw_sys_enter *ctx)
-{
-	WATCHED_OR_RETURN(w, cgid);
-	return save_args(ctx->args[0], 0, 0);
-}
-
 SEC("tp/syscalls/sys_exit_listen")
 int exit_listen(struct trace_event_raw_sys_exit *ctx)
 {
-	struct inflight args;
 	struct net_event *e;
 	struct socket *sock;
+	long fd;
 
 	WATCHED_OR_RETURN(w, cgid);
-	if (!take_args(&args))
-		return 0;
+	fd = PT_REGS_PARM1_CORE_SYSCALL(syscall_regs());
 	e = reserve_net(EV_LISTEN, w, cgid);
 	if (!e)
 		return 0;
 	e->result = ctx->ret;
-	e->fd = args.args[0];
-	sock = fd_socket(args.args[0]);
+	e->fd = fd;
+	sock = fd_socket(fd);
 	read_socket(e, sock, false);
 	read_socket_local(e, sock);
 	SUBMIT(e);
@@ -706,21 +778,23 @@ static __always_inline int exit_accept_call(struct trace_event_raw_sys_exit *ctx
 {
 	struct net_event *e;
 	struct socket *sock;
+	__u16 family;
 
 	if (ctx->ret < 0)
 		return 0;
 	WATCHED_OR_RETURN(w, cgid);
 	sock = fd_socket(ctx->ret);
+	if (!sock)
+		return 0;
+	family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0; /* unix sockets: local IPC, not a peer on the network */
 	e = reserve_net(EV_ACCEPT, w, cgid);
 	if (!e)
 		return 0;
 	e->result = ctx->ret;
 	e->fd = ctx->ret;
 	read_socket(e, sock, true);
-	if (e->family != AF_INET && e->family != AF_INET6) {
-		bpf_ringbuf_discard(e, 0);
-		return 0;
-	}
 	SUBMIT(e);
 	return 0;
 }
@@ -742,9 +816,13 @@ static __always_inline int emit_send(const struct watch *w, __u64 cgid, long fd,
 				     const void *uaddr, long addrlen, long bytes)
 {
 	struct net_event *e;
+	__u16 family;
 
 	if (!uaddr || addrlen <= 0)
 		return 0;
+	family = user_family(uaddr, addrlen);
+	if (family != AF_INET && family != AF_INET6)
+		return 0; /* netlink (getaddrinfo asks the kernel this way), unix, ... */
 	e = reserve_net(EV_SEND, w, cgid);
 	if (!e)
 		return 0;
@@ -753,7 +831,7 @@ static __always_inline int emit_send(const struct watch *w, __u64 cgid, long fd,
 	read_user_sockaddr(e, uaddr, addrlen);
 	read_socket(e, fd_socket(fd), false);
 	if (e->family != AF_INET && e->family != AF_INET6) {
-		bpf_ringbuf_discard(e, 0);
+		DISCARD(e); /* the caller rewrote its sockaddr meanwhile */
 		return 0;
 	}
 	SUBMIT(e);
@@ -830,72 +908,67 @@ int enter_dup3(struct trace_event_raw_sys_enter *ctx)
 
 /* ---- files -------------------------------------------------------------- */
 
-/* open, openat, openat2, creat: args saved as (dfd, name, flags) */
-static __always_inline int save_open(long dfd, long name, long flags)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight v = { .args = { dfd, name, flags, 0 } };
+enum open_call { OPEN, CREAT, OPENAT, OPENAT2 };
 
-	WATCHED_OR_RETURN(w, cgid);
-	bpf_map_update_elem(&inflight, &id, &v, BPF_ANY);
-	return 0;
+/* (dfd, name) of the open call being returned from. */
+static __always_inline void open_name(enum open_call call, struct pt_regs *regs, long *dfd,
+				      const char **name)
+{
+	if (call == OPEN || call == CREAT) {
+		*dfd = AT_FDCWD;
+		*name = (const char *)PT_REGS_PARM1_CORE_SYSCALL(regs);
+	} else {
+		*dfd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+		*name = (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+	}
 }
 
-SEC("tp/syscalls/sys_enter_open")
-int enter_open(struct trace_event_raw_sys_enter *ctx)
-{
-	return save_open(AT_FDCWD, ctx->args[0], ctx->args[1]);
-}
-
-SEC("tp/syscalls/sys_enter_creat")
-int enter_creat(struct trace_event_raw_sys_enter *ctx)
-{
-	return save_open(AT_FDCWD, ctx->args[0], 0x241 /* O_CREAT|O_WRONLY|O_TRUNC */);
-}
-
-SEC("tp/syscalls/sys_enter_openat")
-int enter_openat(struct trace_event_raw_sys_enter *ctx)
-{
-	return save_open(ctx->args[0], ctx->args[1], ctx->args[2]);
-}
-
-SEC("tp/syscalls/sys_enter_openat2")
-int enter_openat2(struct trace_event_raw_sys_enter *ctx)
+/* The open(2) flags the call was made with (the file's f_flags lack O_CREAT, O_TRUNC...). */
+static __always_inline __u32 open_flags(enum open_call call, struct pt_regs *regs)
 {
 	__u64 flags = 0;
 
-	bpf_probe_read_user(&flags, sizeof(flags), (const void *)ctx->args[2]);
-	return save_open(ctx->args[0], ctx->args[1], flags);
+	switch (call) {
+	case OPEN:
+		return PT_REGS_PARM2_CORE_SYSCALL(regs);
+	case CREAT:
+		return 0x241; /* O_CREAT|O_WRONLY|O_TRUNC */
+	case OPENAT:
+		return PT_REGS_PARM3_CORE_SYSCALL(regs);
+	default: /* openat2: flags are the first member of struct open_how */
+		bpf_probe_read_user(&flags, sizeof(flags), (const void *)PT_REGS_PARM3_CORE_SYSCALL(regs));
+		return flags;
+	}
 }
 
-static __always_inline int exit_open_call(struct trace_event_raw_sys_exit *ctx)
+static __always_inline int exit_open_call(struct trace_event_raw_sys_exit *ctx, enum open_call call)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct inflight args;
 	struct scratch *s;
 	struct file_event *e;
-	struct file *f = NULL;
+	struct inode *inode;
+	struct file *f;
 	struct inode_key ik = {};
+	const char *name;
 	__u32 match = 0;
-	long len;
+	long len, dfd;
 
 	WATCHED_OR_RETURN(w, cgid);
-	if (!take_args(&args))
-		return 0;
 	s = get_scratch();
 	if (!s)
 		return 0;
 	if (ctx->ret >= 0) {
-		f = task_fd_file(task, ctx->ret);
+		f = fd_file(ctx->ret);
 		if (!f)
 			return 0;
-		ik.ino = BPF_CORE_READ(f, f_inode, i_ino);
-		ik.dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+		inode = BPF_CORE_READ(f, f_inode);
+		ik.ino = BPF_CORE_READ(inode, i_ino);
+		ik.dev = BPF_CORE_READ(inode, i_sb, s_dev);
 		if (bpf_map_lookup_elem(&watched_inodes, &ik))
 			match |= MATCH_INODE;
 		len = file_path(s, f);
 	} else {
-		len = resolve_user_path(s, args.args[0], (const char *)args.args[1]);
+		open_name(call, syscall_regs(), &dfd, &name);
+		len = resolve_user_path(s, dfd, name);
 	}
 	if (prefix_watched(s, len))
 		match |= MATCH_PREFIX;
@@ -908,7 +981,7 @@ static __always_inline int exit_open_call(struct trace_event_raw_sys_exit *ctx)
 	if (!e)
 		return 0;
 	e->result = ctx->ret;
-	e->flags = args.args[2];
+	e->flags = open_flags(call, syscall_regs());
 	e->match = match;
 	e->dev = ik.dev;
 	e->ino = ik.ino;
@@ -921,42 +994,56 @@ static __always_inline int exit_open_call(struct trace_event_raw_sys_exit *ctx)
 SEC("tp/syscalls/sys_exit_open")
 int exit_open(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_open_call(ctx);
+	return exit_open_call(ctx, OPEN);
 }
 
 SEC("tp/syscalls/sys_exit_creat")
 int exit_creat(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_open_call(ctx);
+	return exit_open_call(ctx, CREAT);
 }
 
 SEC("tp/syscalls/sys_exit_openat")
 int exit_openat(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_open_call(ctx);
+	return exit_open_call(ctx, OPENAT);
 }
 
 SEC("tp/syscalls/sys_exit_openat2")
 int exit_openat2(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_open_call(ctx);
+	return exit_open_call(ctx, OPENAT2);
 }
 
-/* unlink and rename are reported at entry, before the name is gone. */
+/*
+ * unlink and rename are reported at entry, before the name is gone.  Nearly
+ * every one is of an unwatched path (git unlinks a temporary file per object
+ * it writes), so the match is decided before a record is reserved.
+ */
 static __always_inline int emit_path_op(__u32 type, long dfd, const char *name,
 					long dfd2, const char *name2)
 {
 	struct scratch *s;
 	struct file_event *e;
+	__u32 match = 0;
 	long len;
-	bool hit;
 
 	WATCHED_OR_RETURN(w, cgid);
 	s = get_scratch();
 	if (!s)
 		return 0;
 	len = resolve_user_path(s, dfd, name);
-	hit = prefix_watched(s, len);
+	if (prefix_watched(s, len))
+		match = MATCH_PREFIX;
+	if (name2) {
+		/* keep the old name; a rename into a watched place counts too (persistence) */
+		__builtin_memcpy(s->path1, s->key.path, PATH_LEN);
+		len = resolve_user_path(s, dfd2, name2);
+		if (prefix_watched(s, len))
+			match |= MATCH_PREFIX;
+	}
+	if (!match && !trace_all_opens)
+		return 0;
 	e = RESERVE(struct file_event, type, w, cgid);
 	if (!e)
 		return 0;
@@ -964,19 +1051,13 @@ static __always_inline int emit_path_op(__u32 type, long dfd, const char *name,
 	e->flags = 0;
 	e->dev = 0;
 	e->ino = 0;
-	e->match = hit ? MATCH_PREFIX : 0;
-	bpf_probe_read_kernel_str(e->path, sizeof(e->path), s->key.path);
-	e->path2[0] = 0;
+	e->match = match;
 	if (name2) {
-		/* a rename into a watched place counts too (persistence) */
-		len = resolve_user_path(s, dfd2, name2);
-		if (prefix_watched(s, len))
-			e->match |= MATCH_PREFIX;
+		bpf_probe_read_kernel_str(e->path, sizeof(e->path), s->path1);
 		bpf_probe_read_kernel_str(e->path2, sizeof(e->path2), s->key.path);
-	}
-	if (!e->match && !trace_all_opens) {
-		bpf_ringbuf_discard(e, 0);
-		return 0;
+	} else {
+		bpf_probe_read_kernel_str(e->path, sizeof(e->path), s->key.path);
+		e->path2[0] = 0;
 	}
 	SUBMIT(e);
 	return 0;
