@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -169,7 +168,7 @@ class LabLogs:
             except OSError:
                 continue
             if path.suffix == ".log":
-                records += lab_mod._sshd_records(text)
+                records += lab_mod.sshd_records(text)
                 continue
             for line in text.splitlines():
                 with contextlib.suppress(ValueError):
@@ -186,18 +185,6 @@ def _rank(severity: str) -> int:
 def _matching(alerts: Sequence[Alert], step: int, category: str) -> list[Alert]:
     return [a for a in alerts if a.step == step and a.category == category
             and _rank(a.severity) >= _rank(MIN_SEVERITY)]
-
-
-def _relay_key() -> tuple[str, str]:
-    """A fresh ed25519 key pair (private, public) for the agent's tunnels."""
-    with tempfile.TemporaryDirectory(prefix="corral-drill-key-") as d:
-        key = Path(d) / "key"
-        try:
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent@drill", "-f", str(key)],
-                           check=True, capture_output=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise CorralError(f"ssh-keygen failed ({exc}): the drills need openssh-client (make setup)") from None
-        return key.read_text(), key.with_suffix(".pub").read_text()
 
 
 def _put(sb: Sandbox, path: str, text: str, mode: int) -> None:
@@ -437,7 +424,7 @@ def _progress_line(row: Row) -> str:
 def _relay_access(lab: Lab) -> Iterator[str]:
     """A key of the agent's own that the lab's relay accepts (so an unprevented tunnel works);
     revoked at the end."""
-    private, public = _relay_key()
+    private, public = lab_mod.agent_key("agent@drill")
     lab.authorize_key(public)
     try:
         yield private

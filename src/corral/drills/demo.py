@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -336,7 +335,7 @@ def _episode(lab: Lab, out: Path, episode: str, console: Console) -> dict[str, A
                       recorder=recorder)
     for path in (out / "events.jsonl", out / "alerts.jsonl"):
         path.write_text("")  # this run's only (the sandbox appends)
-    private, public = _relay_key()
+    private, public = lab_mod.agent_key("agent@sandbox")
     try:
         # The lab's relay accepts the agent's key: unprevented, the tunnel would work.
         lab.authorize_key(public)
@@ -436,18 +435,6 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _relay_key() -> tuple[str, str]:
-    """A fresh ed25519 key pair (private, public) for the agent's tunnel."""
-    with tempfile.TemporaryDirectory(prefix="corral-demo-key-") as d:
-        key = Path(d) / "key"
-        try:
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "agent@sandbox", "-f", str(key)],
-                           check=True, capture_output=True, timeout=30)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise CorralError(f"ssh-keygen failed ({exc}): the demo needs openssh-client (make setup)") from None
-        return key.read_text(), key.with_suffix(".pub").read_text()
-
-
 def _write(sb: Sandbox, path: str, text: str) -> None:
     """The agent's file tool: write a file inside the sandbox from the host, owned by its user."""
     from corral.sandbox.fs import SANDBOX_HOME, WORKSPACE
@@ -492,9 +479,9 @@ def _keep_evidence(source: Path, dest: Path) -> None:
 
 def _lab_saw(out: Path, closed: str) -> list[str]:
     """What the lab's servers saw during the demo, from the copied logs."""
-    from corral.drills.lab import _sshd_records
+    from corral.drills.lab import sshd_records
 
-    sshd = _sshd_records(_text(out / "lab" / "sshd.log"))
+    sshd = sshd_records(_text(out / "lab" / "sshd.log"))
     pool = [json.loads(line) for line in _text(out / "lab" / "pool.jsonl").splitlines() if line.strip()]
     internal = [json.loads(line) for line in _text(out / "lab" / "service.jsonl").splitlines() if line.strip()]
     methods = list(dict.fromkeys(r["what"] for r in pool if r["what"] != "connect" and "submit" not in r["what"]))

@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -439,7 +440,7 @@ class Lab:
         from its log, whose lines carry no time)."""
         records: list[dict[str, Any]] = []
         if server in (None, "sshd"):
-            records += _sshd_records(_read(self.sshd_dir / "sshd.log"))
+            records += sshd_records(_read(self.sshd_dir / "sshd.log"))
         if server != "sshd":
             files = sorted(self.log_dir.glob("*.jsonl")) if server is None else [self.log_dir / f"{server}.jsonl"]
             for path in files:
@@ -459,6 +460,19 @@ class Lab:
                 "world_netns": self.world, "state_dir": str(self.state_dir), "logs": str(self.log_dir),
                 "authorized_keys": str(self.sshd_dir / "authorized_keys"), "accesses": counts,
                 "services": services()}
+
+
+def agent_key(comment: str) -> tuple[str, str]:
+    """A fresh ed25519 key pair (private, public) for an agent's tunnels to the lab's sshd
+    (authorize_key() lets it in)."""
+    with tempfile.TemporaryDirectory(prefix="corral-agent-key-") as d:
+        key = Path(d) / "key"
+        try:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                           check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise CorralError(f"ssh-keygen failed ({exc}): the lab's drills need openssh-client (make setup)") from None
+        return key.read_text(), key.with_suffix(".pub").read_text()
 
 
 def services() -> list[tuple[str, str, str]]:
@@ -491,7 +505,7 @@ _SSHD_PATTERNS = (
 )
 
 
-def _sshd_records(text: str) -> list[dict[str, Any]]:
+def sshd_records(text: str) -> list[dict[str, Any]]:
     """sshd's log lines that say who connected, logged in or asked for forwarding."""
     out = []
     for line in text.splitlines():
