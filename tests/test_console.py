@@ -27,6 +27,7 @@ import pytest
 
 from corral.console.client import Client
 from corral.errors import CorralError
+from corral.sandbox.runner import STATE_DIR
 from corral.store import open_store
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
@@ -165,22 +166,25 @@ def test_exec_through_the_daemon(daemon: Daemon) -> None:
 def test_freeze_evidence_release_and_stop(daemon: Daemon) -> None:
     client = daemon.client
     name = client.call("POST", "/api/sandboxes", {"mode": "enforce"})["name"]
-    with pytest.raises(CorralError, match="was frozen during step 1"):
-        client.call("POST", f"/api/sandboxes/{name}/exec",
-                    {"command": ["sh", "-c", "sleep 30", "corral-test-freeze"]})
-    detail = client.call("GET", f"/api/sandboxes/{name}")
-    assert detail["sandbox"]["state"] == "frozen"
-    [evidence] = detail["evidence"]
-    assert evidence["bundle"]["alert"]["rule"] == "Test freeze marker"
-    assert any("corral-test-freeze" in " ".join(p.get("argv", [])) for p in evidence["bundle"]["processes"])
-    with pytest.raises(CorralError, match="is frozen"):
-        client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "true"})
+    try:
+        with pytest.raises(CorralError, match="was frozen during step 1"):
+            client.call("POST", f"/api/sandboxes/{name}/exec",
+                        {"command": ["sh", "-c", "sleep 30", "corral-test-freeze"]})
+        detail = client.call("GET", f"/api/sandboxes/{name}")
+        assert detail["sandbox"]["state"] == "frozen"
+        [evidence] = detail["evidence"]
+        assert evidence["bundle"]["alert"]["rule"] == "Test freeze marker"
+        assert any("corral-test-freeze" in " ".join(p.get("argv", [])) for p in evidence["bundle"]["processes"])
+        with pytest.raises(CorralError, match="is frozen"):
+            client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "true"})
 
-    assert client.call("POST", f"/api/sandboxes/{name}/release")["state"] == "running"
-    assert client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "echo again"})["stdout"] == "again\n"
-    assert client.call("POST", f"/api/sandboxes/{name}/stop")["state"] == "stopped"
-    with pytest.raises(CorralError, match="no running sandbox"):
-        client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "true"})
+        assert client.call("POST", f"/api/sandboxes/{name}/release")["state"] == "running"
+        assert client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "echo again"})["stdout"] == "again\n"
+        assert client.call("POST", f"/api/sandboxes/{name}/stop")["state"] == "stopped"
+        with pytest.raises(CorralError, match="no running sandbox"):
+            client.call("POST", f"/api/sandboxes/{name}/exec", {"command": "true"})
+    finally:
+        shutil.rmtree(STATE_DIR / "evidence" / name, ignore_errors=True)  # the freeze's bundle
 
 
 def test_bad_requests_get_clear_errors(daemon: Daemon) -> None:

@@ -10,6 +10,7 @@ cgroup it made), also when it fails.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from corral.detect.detectors.cred import CredThenEgressDetector
 from corral.enrich import proctable
 from corral.sandbox import cgroups
 from corral.sandbox.cgroups import Limits, LimitWatch, SandboxCgroup, sandbox_name
-from corral.sandbox.runner import SandboxFrozen
+from corral.sandbox.runner import STATE_DIR, SandboxFrozen
 
 NS = 1_000_000_000
 RULES = Path(__file__).parent / "rules" / "respond.yaml"
@@ -362,15 +363,19 @@ def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object
 
 
 def test_a_step_frozen_by_a_rule_returns_while_its_processes_would_run_on(own_monitor: Monitor) -> None:
-    with Sandbox(monitor=own_monitor, rules=[RULES]) as sb:
-        # frozen, the step's processes never end (nor close its output) until thawed: only the
-        # wake after the alert ends the wait
-        t, out = in_thread(lambda: sb.exec(["sh", "-c", "sleep 600", "corral-test-freeze"]))
-        t.join(120)  # (a guard against hanging the suite, not a measurement)
-        assert not t.is_alive() and isinstance(out[0], SandboxFrozen)
-        assert sb.frozen and sb.cgroup.frozen
-        sb.release()
-        assert sb.exec("true").exit_code == 0
+    sb = Sandbox(monitor=own_monitor, rules=[RULES])
+    try:
+        with sb:
+            # frozen, the step's processes never end (nor close its output) until thawed: only the
+            # wake after the alert ends the wait
+            t, out = in_thread(lambda: sb.exec(["sh", "-c", "sleep 600", "corral-test-freeze"]))
+            t.join(120)  # (a guard against hanging the suite, not a measurement)
+            assert not t.is_alive() and isinstance(out[0], SandboxFrozen)
+            assert sb.frozen and sb.cgroup.frozen
+            sb.release()
+            assert sb.exec("true").exit_code == 0
+    finally:
+        shutil.rmtree(STATE_DIR / "evidence" / sb.name, ignore_errors=True)  # the freeze's bundle
 
 
 @needs_root
