@@ -32,6 +32,7 @@ from netlab import TestNet, assert_no_route_out
 
 from corral import events as ev
 from corral.detect.engine import SEVERITIES, Alert
+from corral.drills.scenarios import MINER_PY  # the drill battery's miner: the same real hashing
 from corral.sandbox.runner import Result, Sandbox
 
 pytestmark = pytest.mark.skipif(
@@ -203,43 +204,6 @@ def put_dnslib(sb: Sandbox) -> None:
 
 
 # -- the actions ---------------------------------------------------------------
-
-# A miner written in Python: stratum (mining.subscribe + mining.authorize), then XMRig-style
-# login with an agent field, then real hashing and a submit.  Every read is bounded.
-MINER_PY = r"""
-import hashlib, json, socket, sys, time
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-
-def call(s, f, msg):
-    s.sendall(json.dumps(msg).encode() + b"\n")
-    for _ in range(5):
-        reply = json.loads(f.readline())
-        if reply.get("id") == msg["id"]:
-            return reply
-    raise RuntimeError("no reply")
-
-with socket.create_connection((host, port), timeout=5) as s:
-    f = s.makefile("rb")
-    call(s, f, {"id": 1, "method": "mining.subscribe", "params": ["pyminer/0.1"]})
-    call(s, f, {"id": 2, "method": "mining.authorize", "params": ["4AdUndXHHZ6cfufTMvppY6JwXNou.w1", "x"]})
-with socket.create_connection((host, port), timeout=5) as s:
-    f = s.makefile("rb")
-    job = call(s, f, {"id": 1, "jsonrpc": "2.0", "method": "login",
-                      "params": {"login": "4AdUndXHHZ6cfufTMvppY6JwXNou", "pass": "x",
-                                 "agent": "XMRig/6.21.0 (Linux x86_64) libuv/1.44.2 gcc/12.2.0"}})["result"]["job"]
-    blob, best, n = bytes.fromhex(job["blob"]), None, 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        for _ in range(1000):
-            h = hashlib.sha256(blob + n.to_bytes(4, "little")).digest()
-            if best is None or h < best[1]:
-                best = (n, h)
-            n += 1
-    call(s, f, {"id": 2, "jsonrpc": "2.0", "method": "submit",
-                "params": {"id": "1", "job_id": job["job_id"], "nonce": best[0].to_bytes(4, "little").hex(),
-                           "result": best[1].hex()}})
-print("hashes", n)
-"""
 
 # A fake xmrig: a shell script of that name, with XMRig's options, that mines in Python.
 XMRIG_SH = """#!/bin/sh
