@@ -187,25 +187,6 @@ def _matching(alerts: Sequence[Alert], step: int, category: str) -> list[Alert]:
             and _rank(a.severity) >= _rank(MIN_SEVERITY)]
 
 
-def _put(sb: Sandbox, path: str, text: str, mode: int) -> None:
-    """The agent's file tool: write a file inside the sandbox from the host, owned by its user."""
-    from corral.sandbox.fs import SANDBOX_HOME, WORKSPACE
-
-    for inside, host in ((WORKSPACE, sb.workspace), (SANDBOX_HOME, sb.layout.home)):
-        if path.startswith(inside + "/"):
-            root = Path(host)
-            target = root / path[len(inside) + 1:]
-            break
-    else:
-        raise CorralError(f"a scenario writes only under {WORKSPACE} and {SANDBOX_HOME}: {path}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    target.chmod(mode)
-    st = root.stat()
-    for p in [target, *target.relative_to(root).parents]:
-        os.chown(root / p, st.st_uid, st.st_gid)
-
-
 class Battery:
     """Runs scenarios one after another in one lab and mode."""
 
@@ -250,9 +231,9 @@ class Battery:
             with Sandbox("default", mode=self.mode, netns=self.lab.client, allow=sc.allow, pids=sc.pids,
                          memory=sc.memory, episode=f"drill-{sc.name}") as sb:
                 for path, text, mode in sc.files:
-                    _put(sb, path, text, mode)
+                    sb.put_file(path, text, mode)
                 if sc.relay_key and self.relay_key is not None:
-                    _put(sb, RELAY_KEY, self.relay_key, 0o600)
+                    sb.put_file(RELAY_KEY, self.relay_key, 0o600)
                 start_ns = time.time_ns()
                 step_start = time.monotonic()
                 try:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import shutil
 import signal
 import sys
@@ -53,7 +52,6 @@ from typing import IO, TYPE_CHECKING, Any
 from corral.detect.engine import Alert
 from corral.drills import lab as lab_mod
 from corral.drills.lab import Lab
-from corral.errors import CorralError
 
 if TYPE_CHECKING:
     from corral.sandbox.runner import Sandbox
@@ -372,7 +370,7 @@ def _play(sb: Sandbox, number: int, action: Action, console: Console, steps_file
     console.say()
     console.say(f"step {number}  {action.title}", "bold")
     for path, text in action.files:
-        _write(sb, path, text)
+        sb.put_file(path, text, 0o600 if "/.ssh/" in path else 0o644)  # ssh refuses a readable key
         console.say(f"  agent writes {path} ({text.count(chr(10))} lines)", "dim")
     console.say(f"  $ {action.run}")
     _INTERRUPT.check()
@@ -433,25 +431,6 @@ def _settle(sb: Sandbox, step: int, expect: str | None) -> None:
 def _utc_now() -> str:
     """Now, as the lab's servers write it in their logs (so the two compare as strings)."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _write(sb: Sandbox, path: str, text: str) -> None:
-    """The agent's file tool: write a file inside the sandbox from the host, owned by its user."""
-    from corral.sandbox.fs import SANDBOX_HOME, WORKSPACE
-
-    for inside, host in ((WORKSPACE, sb.workspace), (SANDBOX_HOME, sb.layout.home)):
-        if path.startswith(inside + "/"):
-            root = Path(host)
-            target = root / path[len(inside) + 1:]
-            break
-    else:
-        raise CorralError(f"the demo writes only under {WORKSPACE} and {SANDBOX_HOME}: {path}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    target.chmod(0o600 if "/.ssh/" in path else 0o644)  # ssh refuses a private key others can read
-    st = root.stat()
-    for p in [target, *target.relative_to(root).parents]:
-        os.chown(root / p, st.st_uid, st.st_gid)
 
 
 def _log_sizes(lab: Lab) -> dict[Path, int]:

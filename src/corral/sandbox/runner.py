@@ -413,6 +413,24 @@ class Sandbox:
             self._recorder.step_ended(self.name, number, code)
         return Result(code, out or "", err or "", number)
 
+    def put_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write a file into the sandbox from the host, as an agent's file tool would: `path` as
+        the sandbox sees it, under /workspace or the sandbox's home; owned by the sandbox's user
+        (the file and any directories made for it)."""
+        for inside, host in ((fs.WORKSPACE, self.workspace), (fs.SANDBOX_HOME, self.layout.home)):
+            if path.startswith(inside + "/"):
+                root = Path(host)
+                target = root / path[len(inside) + 1:]
+                break
+        else:
+            raise CorralError(f"put_file writes only under {fs.WORKSPACE} and {fs.SANDBOX_HOME}: {path}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+        st = root.stat()
+        for part in [target, *target.relative_to(root).parents]:
+            os.chown(root / part, st.st_uid, st.st_gid)
+
     def flush_events(self) -> None:
         """Wait until the events (and alerts) of what has run so far were delivered."""
         self.pipeline.flush()
