@@ -58,56 +58,6 @@ MARKER_SLEEP_S = 2  # a marker not killed by then exits by itself: a missed kill
 SLOW_MS = 20.0  # an alert made later than this after its event is looked into
 FREEZE_WAIT_S = 2.0  # for a freeze marker's alert, before giving up on it (1 with --quick)
 
-LOADGEN_C = r"""
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
-
-/* loadgen RATE STOPFILE MAX_S: UDP connect() to 127.0.0.1:1 (a connect event each; no packet is
- * sent) RATE times a second, paced in 1 ms ticks (a late tick catches up), until STOPFILE exists or
- * MAX_S seconds have passed.  Prints the calls made and the seconds taken. */
-int main(int argc, char **argv)
-{
-	if (argc != 4)
-		return 2;
-	double rate = atof(argv[1]), max_s = atof(argv[3]);
-	const char *stop = argv[2];
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(1) };
-	struct timespec t0, next, now;
-	long done = 0;
-
-	if (s < 0)
-		return 3;
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	next = t0;
-	for (long tick = 1;; tick++) {
-		long due = (long)(rate * tick / 1000.0);
-
-		while (done < due) {
-			connect(s, (struct sockaddr *)&a, sizeof(a));
-			done++;
-		}
-		if (tick % 10 == 0 && (access(stop, F_OK) == 0 || tick >= max_s * 1000))
-			break;
-		next.tv_nsec += 1000000;
-		if (next.tv_nsec >= 1000000000) {
-			next.tv_nsec -= 1000000000;
-			next.tv_sec++;
-		}
-		clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
-	}
-	clock_gettime(CLOCK_MONOTONIC, &now);
-	printf("%ld %.6f\n", done, (now.tv_sec - t0.tv_sec) + (now.tv_nsec - t0.tv_nsec) / 1e9);
-	return 0;
-}
-"""
 
 # driver.sh GAP SPEC...: per SPEC (k:a, t:q), a process naming the marker, started in the background
 # GAP seconds after the previous one (so a kill that comes late, or never, does not slow the pace);
@@ -234,7 +184,7 @@ class Bench:
         driver.write_text(DRIVER_SH.replace("@SLEEP@", str(self.marker_sleep)))
         driver.chmod(0o644)
         loadgen = self.load.workspace / "loadgen"
-        shutil.copy(wd.compile("loadgen", LOADGEN_C), loadgen)
+        shutil.copy(wd.compile("loadgen", _bench.PACED_LOADGEN_C), loadgen)
         loadgen.chmod(0o755)
 
     def _on_trigger_alert(self, alert: Alert) -> None:
@@ -282,8 +232,9 @@ class Bench:
             load = self.load
 
             def run_load() -> None:
-                load_result.append(load.exec(["/workspace/loadgen", str(rate), "/workspace/stop", "600"],
-                                             timeout=660))
+                # MIX "c": connects only; the PATH argument is unused then
+                load_result.append(load.exec(["/workspace/loadgen", str(rate), "c", "/workspace/stop", "600",
+                                              "/dev/null"], timeout=660))
             load_thread = threading.Thread(target=run_load, name="bench-load", daemon=True)
             load_thread.start()
             time.sleep(0.5)  # the pipeline in its steady state before the first trigger

@@ -39,82 +39,6 @@ RING_SIZE = 16 << 20  # the Monitor's default
 #: one step in a hundred forks and execs /bin/true: 3 events; the others make one each
 MIX = "co" * 49 + "cx"
 
-LOADGEN_C = r"""
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
-
-/* loadgen RATE MIX STOPFILE MAX_S PATH: events at RATE a second, paced in 1 ms ticks (a late tick
- * catches up), until STOPFILE exists or MAX_S seconds have passed.  The steps cycle through MIX:
- * c  connect() a UDP socket to 127.0.0.1:1 (no packet is sent)       -> connect
- * o  open() and close() PATH, under a watched prefix                  -> open
- * x  fork(); the child execs /bin/true (children are not waited for)  -> fork, exec, exit
- * Prints the events made and the seconds taken. */
-int main(int argc, char **argv)
-{
-	if (argc != 6)
-		return 2;
-	double rate = atof(argv[1]), max_s = atof(argv[4]);
-	const char *mix = argv[2], *stop = argv[3], *path = argv[5];
-	size_t n = strlen(mix), step = 0;
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(1) };
-	struct timespec t0, next, now;
-	long done = 0;
-
-	if (s < 0 || n == 0)
-		return 3;
-	signal(SIGCHLD, SIG_IGN); /* children reap themselves */
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	next = t0;
-	for (long tick = 1;; tick++) {
-		long due = (long)(rate * tick / 1000.0);
-
-		while (done < due) {
-			char what = mix[step++ % n];
-
-			if (what == 'c') {
-				connect(s, (struct sockaddr *)&a, sizeof(a));
-				done++;
-			} else if (what == 'o') {
-				int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-				if (fd >= 0)
-					close(fd);
-				done++;
-			} else {
-				pid_t pid = fork();
-
-				if (pid == 0) {
-					execl("/bin/true", "true", (char *)NULL);
-					_exit(127);
-				}
-				done += 3;
-			}
-		}
-		if (tick % 10 == 0 && (access(stop, F_OK) == 0 || tick >= max_s * 1000))
-			break;
-		next.tv_nsec += 1000000;
-		if (next.tv_nsec >= 1000000000) {
-			next.tv_nsec -= 1000000000;
-			next.tv_sec++;
-		}
-		clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
-	}
-	clock_gettime(CLOCK_MONOTONIC, &now);
-	printf("%ld %.6f\n", done, (now.tv_sec - t0.tv_sec) + (now.tv_nsec - t0.tv_nsec) / 1e9);
-	return 0;
-}
-"""
 
 
 def schedstat(tid: int | None) -> tuple[int, int] | None:
@@ -165,7 +89,7 @@ class Level:
 class Bench:
     def __init__(self, wd: _bench.Workdir, mon: Monitor) -> None:
         self.mon = mon
-        self.loadgen = wd.compile("loadgen", LOADGEN_C)
+        self.loadgen = wd.compile("loadgen", _bench.PACED_LOADGEN_C)
         watched = wd.path / "watched"
         watched.mkdir()
         self.target = watched / "file"
