@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import os
 import struct
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from corral.errors import CorralError, HostError
-from corral.sensor import host
-from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map
+from corral.sensor.guard import U32, CgroupGuard
+from corral.sensor.libbpf import BpfObject, Link
 from corral.sensor.ringbuf import RingBuffer
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "prevent.bpf.o"
@@ -106,8 +102,6 @@ _PATH_KEY = struct.Struct(f"=II{PREFIX_MAX}s")              # struct deny_path_k
 _PATH_FIXED_BITS = 32
 # struct denied_exec
 _RECORD = struct.Struct("=QQIIIIIIII16s256s256s")
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 _PROGRAMS = {"tp/syscalls/sys_enter_execve", "tp/syscalls/sys_enter_execveat"}
 
 
@@ -132,7 +126,7 @@ class _Sandbox:
     rules: dict[DenyKind, list[str]] = field(default_factory=lambda: {k: [] for k in DenyKind})
 
 
-class ExecGuard:
+class ExecGuard(CgroupGuard):
     """The exec guard of one corral process and the deny lists of its sandboxes.
 
     Cgroups not bound to one of this guard's sandboxes are never touched, so
@@ -140,71 +134,42 @@ class ExecGuard:
     threads.
     """
 
+    WHAT = "exec guard"
+
     def __init__(self, path: Path | None = None) -> None:
-        host.check_privileges()
-        path = path or object_path()
-        if not path.exists():
-            raise HostError(f"the exec guard's BPF object {path} is not built: run `make setup`")
-        self._lock = threading.RLock()  # also keeps close() from freeing maps in use
-        self._links: list[Link] = []
         self._sandboxes: dict[int, _Sandbox] = {}
         self._ring: RingBuffer | None = None
-        self._obj: BpfObject | None = BpfObject(str(path))
-        try:
-            self._obj.load()
-            maps = self._obj.maps()
-            programs = [p for p in self._obj.programs() if p.section in _PROGRAMS]
+        path = path or object_path()
+
+        def attach(obj: BpfObject) -> list[Link]:
+            programs = [p for p in obj.programs() if p.section in _PROGRAMS]
             if {p.section for p in programs} != _PROGRAMS:
                 raise HostError(f"{path} lacks some of {sorted(_PROGRAMS)}: run `make setup`")
-            for prog in programs:
-                self._links.append(prog.attach())
-            events = maps["events"]
+            return [prog.attach() for prog in programs]
+
+        super().__init__(path, attach)
+        events = self._maps["events"]
+        try:
             self._ring = RingBuffer(events.fd, events.max_entries)
-        except LibbpfError as exc:
-            self.close()
-            tail = "\n".join(exc.log[-25:])
-            raise HostError(f"the kernel refused the exec guard ({exc}); run `make setup` to rebuild "
-                            f"it for this kernel. libbpf said:\n{tail}") from exc
         except BaseException:
             self.close()
             raise
-        self._sandbox_of = maps["sandbox_of"]
-        self._config = maps["sandboxes"]
-        self._names = maps["deny_names"]
-        self._paths = maps["deny_paths"]
-        self._dropped = maps["dropped"]
+        self._config = self._maps["sandboxes"]
+        self._names = self._maps["deny_names"]
+        self._paths = self._maps["deny_paths"]
+        self._dropped = self._maps["dropped"]
 
-    def close(self) -> None:
-        """Detach the programs and free the maps; nothing is denied any more."""
-        with self._lock:
-            for link in self._links:
-                link.destroy()
-            self._links.clear()
-            if self._ring is not None:
-                self._ring.close()
-                self._ring = None
-            if self._obj is not None:
-                self._obj.close()
-                self._obj = None
-            self._sandboxes.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._obj is None
+    def _release(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._sandboxes.clear()
 
     @contextlib.contextmanager
     def _open(self, sandbox_id: int | None = None) -> Iterator[_Sandbox | None]:
         """Hold the lock while maps are used; check the guard is open and the sandbox known."""
         with self._lock:
-            if self._obj is None:
-                raise CorralError("the exec guard is closed; create a new ExecGuard")
+            self._check_closed()
             sandbox = None
             if sandbox_id is not None:
                 sandbox = self._sandboxes.get(sandbox_id)
@@ -213,29 +178,18 @@ class ExecGuard:
                                       "call add_sandbox() first")
             yield sandbox
 
-    @staticmethod
-    def _update(table: Map, key: bytes, value: bytes, what: str) -> None:
-        try:
-            table.update(key, value)
-        except LibbpfError as exc:
-            if exc.errno == errno.E2BIG:
-                raise CorralError(f"the exec guard's {what} map is full ({table.max_entries} entries "
-                                  "across all sandboxes)") from None
-            raise
-
     def _write_config(self, sandbox_id: int, sandbox: _Sandbox) -> None:
         """The kernel's per-sandbox entry: the mode and the argv patterns."""
         pats = [p.encode() for p in sandbox.rules[DenyKind.ARGV]]
         value = _SANDBOX.pack(int(sandbox.enforce), len(pats), bytes(len(p) for p in pats),
                               b"".join(p.ljust(ARGV_PATTERN_MAX, b"\0") for p in pats))
-        self._update(self._config, _U32.pack(sandbox_id), value, "sandbox")
+        self._update(self._config, U32.pack(sandbox_id), value, "sandbox")
 
     # -- sandboxes and their cgroups ----------------------------------------
 
     def add_sandbox(self, sandbox_id: int, enforce: bool, cgroup_ids: Iterable[int] = ()) -> None:
         """Start guarding a sandbox with an empty deny list (see :meth:`deny`)."""
-        if not 0 <= sandbox_id <= 0xFFFFFFFF:
-            raise CorralError(f"sandbox id {sandbox_id} does not fit in 32 bits")
+        self._check_id(sandbox_id)
         with self._open():
             if sandbox_id in self._sandboxes:
                 raise CorralError(f"sandbox {sandbox_id} is already guarded: remove_sandbox() it first")
@@ -252,34 +206,15 @@ class ExecGuard:
             sandbox.enforce = enforce
             self._write_config(sandbox_id, sandbox)
 
-    def bind_cgroup(self, cgroup_id: int, sandbox_id: int) -> None:
-        """Judge execs in this cgroup (and cgroups made below it) by the sandbox's list."""
-        key = _U64.pack(cgroup_id)
-        with self._open(sandbox_id):
-            old = self._sandbox_of.lookup(key, _U32.size)
-            if old is not None and _U32.unpack(old)[0] != sandbox_id:
-                raise CorralError(f"cgroup {cgroup_id} already belongs to sandbox {_U32.unpack(old)[0]}, "
-                                  f"not {sandbox_id}: a cgroup can be in one sandbox only")
-            self._update(self._sandbox_of, key, _U32.pack(sandbox_id), "cgroup")
-
-    def unbind_cgroup(self, cgroup_id: int) -> None:
-        """Forget a cgroup (once it is removed); a no-op for an unknown one."""
-        with self._open():
-            self._sandbox_of.delete(_U64.pack(cgroup_id))
-
     def remove_sandbox(self, sandbox_id: int) -> None:
         """Forget the sandbox: its cgroups, deny entries and mode.  A no-op for an unknown one."""
         with self._open():
-            # Cgroups first, so that no exec is judged by a half-removed list.
-            for key in list(self._sandbox_of.keys(_U64.size)):
-                value = self._sandbox_of.lookup(key, _U32.size)
-                if value is not None and _U32.unpack(value)[0] == sandbox_id:
-                    self._sandbox_of.delete(key)
+            self._unbind_sandbox(sandbox_id)
             for table, size in ((self._names, _NAME_KEY.size), (self._paths, _PATH_KEY.size)):
                 offset = 0 if table is self._names else 4  # sandbox_id in the key
-                for key in [k for k in table.keys(size) if _U32.unpack_from(k, offset)[0] == sandbox_id]:
+                for key in [k for k in table.keys(size) if U32.unpack_from(k, offset)[0] == sandbox_id]:
                     table.delete(key)
-            self._config.delete(_U32.pack(sandbox_id))
+            self._config.delete(U32.pack(sandbox_id))
             self._sandboxes.pop(sandbox_id, None)
 
     # -- deny entries --------------------------------------------------------
@@ -298,7 +233,7 @@ class ExecGuard:
             names = sandbox.rules[DenyKind.NAME]
             if name in names:
                 return
-            self._update(self._names, _NAME_KEY.pack(sandbox_id, raw), _U32.pack(len(names)), "name")
+            self._update(self._names, _NAME_KEY.pack(sandbox_id, raw), U32.pack(len(names)), "name")
             names.append(name)
 
     def deny_path(self, sandbox_id: int, prefix: str) -> None:
@@ -316,7 +251,7 @@ class ExecGuard:
             if prefix in paths:
                 return
             key = _PATH_KEY.pack(_PATH_FIXED_BITS + 8 * len(raw), sandbox_id, raw)
-            self._update(self._paths, key, _U32.pack(len(paths)), "path")
+            self._update(self._paths, key, U32.pack(len(paths)), "path")
             paths.append(prefix)
 
     def deny_argv(self, sandbox_id: int, pattern: str) -> None:

@@ -16,18 +16,15 @@ import enum
 import ipaddress
 import os
 import struct
-import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from corral.errors import CorralError, HostError
-from corral.sensor import host
+from corral.errors import CorralError
 from corral.sensor.cgroups import attach_to_corral_cgroup
-from corral.sensor.libbpf import BpfObject, LibbpfError, Link, Map
+from corral.sensor.guard import U32, CgroupGuard
+from corral.sensor.libbpf import Map
 
 DEFAULT_OBJECT = Path(__file__).parent.parent / "_bpf" / "egress.bpf.o"
 
@@ -117,8 +114,6 @@ _KEY_FIXED_BITS = 64
 _KEY_ADDR_OFFSET = _KEY_HEAD.size + _KEY_PORT.size
 _KEY4_SIZE, _KEY6_SIZE = _KEY_ADDR_OFFSET + 4, _KEY_ADDR_OFFSET + 16
 _COUNTERS = struct.Struct("=QQQ")
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 _PROGRAMS = {"cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4", "cgroup/sendmsg6",
              "cgroup_skb/egress", "cgroup_skb/ingress"}
 
@@ -138,7 +133,7 @@ def object_path() -> Path:
     return Path(os.environ.get("CORRAL_EGRESS_OBJECT", DEFAULT_OBJECT))
 
 
-class EgressGuard:
+class EgressGuard(CgroupGuard):
     """The egress programs of one corral process and the policy of its sandboxes.
 
     Cgroups not bound to one of this guard's sandboxes are never touched, so
@@ -146,63 +141,24 @@ class EgressGuard:
     may be called from several threads (the DNS resolver allows and revokes).
     """
 
+    WHAT = "egress guard"
+
     def __init__(self, path: Path | None = None) -> None:
-        host.check_privileges()
-        path = path or object_path()
-        if not path.exists():
-            raise HostError(f"the egress guard's BPF object {path} is not built: run `make setup`")
-        self._lock = threading.RLock()  # also keeps close() from freeing maps in use
-        self._links: list[Link] = []
         # How many times each allow entry was granted: the same address can be
         # both a static rule and a DNS answer, and expiry of one must not revoke the other.
         self._grants: Counter[tuple[int, Rule]] = Counter()
-        self._obj: BpfObject | None = BpfObject(str(path))
-        try:
-            self._obj.load()
-            maps = self._obj.maps()
-            self._links = attach_to_corral_cgroup(self._obj, _PROGRAMS)
-        except LibbpfError as exc:
-            self.close()
-            tail = "\n".join(exc.log[-25:])
-            raise HostError(f"the kernel refused the egress guard ({exc}); run `make setup` to rebuild "
-                            f"it for this kernel. libbpf said:\n{tail}") from exc
-        except BaseException:
-            self.close()
-            raise
-        self._sandbox_of = maps["sandbox_of"]
-        self._mode = maps["sandbox_mode"]
-        self._counters = maps["counters"]
-        self._allow = {4: maps["allow4"], 6: maps["allow6"]}
-        self._deny = {4: maps["deny4"], 6: maps["deny6"]}
-
-    def close(self) -> None:
-        """Detach the programs and free the maps; the sandboxes' cgroups are then unguarded."""
-        with self._lock:
-            for link in self._links:
-                link.destroy()
-            self._links.clear()
-            if self._obj is not None:
-                self._obj.close()
-                self._obj = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._obj is None
+        super().__init__(path or object_path(), lambda obj: attach_to_corral_cgroup(obj, _PROGRAMS))
+        self._mode = self._maps["sandbox_mode"]
+        self._counters = self._maps["counters"]
+        self._allow = {4: self._maps["allow4"], 6: self._maps["allow6"]}
+        self._deny = {4: self._maps["deny4"], 6: self._maps["deny6"]}
 
     @contextlib.contextmanager
     def _open(self, sandbox_id: int | None = None) -> Iterator[None]:
         """Hold the lock while maps are used; check the guard is open and the sandbox known."""
         with self._lock:
-            if self._obj is None:
-                raise CorralError("the egress guard is closed; create a new EgressGuard")
-            if sandbox_id is not None and self._mode.lookup(_U32.pack(sandbox_id), _U32.size) is None:
+            self._check_closed()
+            if sandbox_id is not None and self._mode.lookup(U32.pack(sandbox_id), U32.size) is None:
                 raise CorralError(f"sandbox {sandbox_id} is not known to the egress guard: "
                                   "call add_sandbox() first")
             yield
@@ -211,55 +167,35 @@ class EgressGuard:
 
     def add_sandbox(self, sandbox_id: int, mode: Mode, cgroup_ids: Iterable[int] = ()) -> None:
         """Start guarding a sandbox: empty allow list, ALWAYS_DENIED, zeroed counters."""
-        if not 0 <= sandbox_id <= 0xFFFFFFFF:
-            raise CorralError(f"sandbox id {sandbox_id} does not fit in 32 bits")
-        key = _U32.pack(sandbox_id)
+        self._check_id(sandbox_id)
+        key = U32.pack(sandbox_id)
         with self._open():
-            if self._mode.lookup(key, _U32.size) is not None:
+            if self._mode.lookup(key, U32.size) is not None:
                 raise CorralError(f"sandbox {sandbox_id} is already guarded: remove_sandbox() it first")
             # The whole policy goes in before the mode (which makes the sandbox
             # known) and the cgroups (which make it apply).
             for rule in ALWAYS_DENIED:
-                self._deny[rule.network.version].update(_key(sandbox_id, rule), _U32.pack(1))
+                self._deny[rule.network.version].update(_key(sandbox_id, rule), U32.pack(1))
             self._counters.update(key, _COUNTERS.pack(0, 0, 0))
-            self._mode.update(key, _U32.pack(Mode(mode)))
+            self._mode.update(key, U32.pack(Mode(mode)))
             for cgroup_id in cgroup_ids:
                 self.bind_cgroup(cgroup_id, sandbox_id)
-
-    def bind_cgroup(self, cgroup_id: int, sandbox_id: int) -> None:
-        """Judge processes in this cgroup (and cgroups made below it) by the sandbox's policy."""
-        key = _U64.pack(cgroup_id)
-        with self._open(sandbox_id):
-            old = self._sandbox_of.lookup(key, _U32.size)
-            if old is not None and _U32.unpack(old)[0] != sandbox_id:
-                raise CorralError(f"cgroup {cgroup_id} already belongs to sandbox {_U32.unpack(old)[0]}, "
-                                  f"not {sandbox_id}: a cgroup can be in one sandbox only")
-            self._sandbox_of.update(key, _U32.pack(sandbox_id))
-
-    def unbind_cgroup(self, cgroup_id: int) -> None:
-        """Forget a cgroup (once it is removed); a no-op for an unknown one."""
-        with self._open():
-            self._sandbox_of.delete(_U64.pack(cgroup_id))
 
     def set_mode(self, sandbox_id: int, mode: Mode) -> None:
         """Switch mode in one map update; ``Mode.CUT`` cuts the sandbox's network at once,
         established flows included (their packets are dropped until the mode changes back)."""
         with self._open(sandbox_id):
-            self._mode.update(_U32.pack(sandbox_id), _U32.pack(Mode(mode)))
+            self._mode.update(U32.pack(sandbox_id), U32.pack(Mode(mode)))
 
     def remove_sandbox(self, sandbox_id: int) -> None:
         """Forget every entry of the sandbox: cgroups, lists, mode and counters."""
         with self._open():
-            # Cgroups first, so that no process is judged by a half-removed policy.
-            for key in list(self._sandbox_of.keys(_U64.size)):
-                value = self._sandbox_of.lookup(key, _U32.size)
-                if value is not None and _U32.unpack(value)[0] == sandbox_id:
-                    self._sandbox_of.delete(key)
+            self._unbind_sandbox(sandbox_id)
             for trie, size in self._tries():
                 for key in [k for k in trie.keys(size) if _key_sandbox(k) == sandbox_id]:
                     trie.delete(key)
-            self._mode.delete(_U32.pack(sandbox_id))
-            self._counters.delete(_U32.pack(sandbox_id))
+            self._mode.delete(U32.pack(sandbox_id))
+            self._counters.delete(U32.pack(sandbox_id))
             for grant in [g for g in self._grants if g[0] == sandbox_id]:
                 del self._grants[grant]
 
@@ -272,7 +208,7 @@ class EgressGuard:
     def allow(self, sandbox_id: int, rule: Rule) -> None:
         """Admit a destination.  Grants are counted: each allow() needs its own revoke()."""
         with self._open(sandbox_id):
-            self._allow[rule.network.version].update(_key(sandbox_id, rule), _U32.pack(1))
+            self._allow[rule.network.version].update(_key(sandbox_id, rule), U32.pack(1))
             self._grants[sandbox_id, rule] += 1
 
     def revoke(self, sandbox_id: int, rule: Rule) -> None:
@@ -287,12 +223,12 @@ class EgressGuard:
     def deny(self, sandbox_id: int, rule: Rule) -> None:
         """Refuse a destination even where an allow entry would admit it."""
         with self._open(sandbox_id):
-            self._deny[rule.network.version].update(_key(sandbox_id, rule), _U32.pack(1))
+            self._deny[rule.network.version].update(_key(sandbox_id, rule), U32.pack(1))
 
     def counters(self, sandbox_id: int) -> dict[str, int]:
         """Decisions so far: ``allowed``, ``denied`` and ``would_deny`` (observe mode)."""
         with self._open(sandbox_id):
-            raw = self._counters.lookup(_U32.pack(sandbox_id), _COUNTERS.size)
+            raw = self._counters.lookup(U32.pack(sandbox_id), _COUNTERS.size)
         allowed, denied, would_deny = _COUNTERS.unpack(raw) if raw else (0, 0, 0)
         return {"allowed": allowed, "denied": denied, "would_deny": would_deny}
 
