@@ -165,9 +165,9 @@ class Daemon:
         with self._lock:
             return list(self._live)
 
-    def describe(self, name: str) -> dict[str, Any]:
-        """The stored record, with live figures for a sandbox this daemon runs."""
-        record = self.store.sandbox(name)
+    def describe(self, name: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The stored record (read unless given), with live figures for a sandbox this daemon runs."""
+        record = record if record is not None else self.store.sandbox(name)
         if record is None:
             raise NotFound(f"no sandbox {name} (`corral ps --all` lists them)")
         with self._lock:
@@ -185,9 +185,9 @@ class Daemon:
     def sandboxes(self, *, all_: bool = False) -> list[dict[str, Any]]:
         names = set(self.names())
         out = []
-        for record in self.store.sandboxes():
+        for record in self.store.sandboxes():  # one query for all, not one per sandbox
             if record["name"] in names:
-                out.append(self.describe(record["name"]))
+                out.append(self.describe(record["name"], record))
             elif all_:
                 out.append({**record, "live": False})
         return out
