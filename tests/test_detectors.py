@@ -310,14 +310,14 @@ def test_canary_read_then_connect_from_another_process(watched: Callable[..., Wa
                                                        monitor: Monitor, tmp_path: Path) -> None:
     canary = tmp_path / "wallet.dat"
     canary.write_text("fake wallet\n")
-    monitor.watch_file(canary)
+    canary_id = monitor.watch_file(canary)
     try:
         w = watched()
         script = (f"cat {canary} > /dev/null; "
                   f"{PY} -c \"import socket; socket.create_connection(('198.51.100.11', {lab.open_port}))\"")
         found = w.run(CredThenEgressDetector(), ["/bin/sh", "-c", script], lab.client)
     finally:
-        monitor.sensor.unwatch_file(canary)
+        monitor.sensor.unwatch_file(canary_id)
     (hit,) = found
     assert hit.kind == "cred_then_egress"
     assert hit.data["path"] == str(canary) and hit.data["kind"] == "canary"

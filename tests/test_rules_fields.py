@@ -405,11 +405,11 @@ def test_conditions_on_a_real_open_of_a_canary(monitor: Monitor, tmp_path: Path)
         def canary_kind(self, dev: int, inode: int) -> str | None:
             return "aws" if inode == ino else None
 
-    monitor.watch_file(canary)
+    canary_id = monitor.watch_file(canary)
     try:
         run = run_in_cgroup(monitor, ["/bin/cat", str(canary)])
     finally:
-        monitor.sensor.unwatch_file(canary)
+        monitor.sensor.unwatch_file(canary_id)
     (hit,) = [e for e in run.of("open") if isinstance(e, ev.FileEvent) and "inode" in e.match]
     registry = FieldRegistry(Canaries(), ancestors=monitor.ancestors)
     assert holds(registry, hit, f"file.canary = true and file.canary_kind = aws and file.path = {canary}")

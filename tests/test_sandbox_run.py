@@ -166,6 +166,25 @@ def test_canary_open_is_an_event() -> None:
     assert [(e.ino, e.path) for e in hits] == [(inode, "/home/agent/.aws/credentials")]  # as the agent sees it
 
 
+def test_a_deleted_canarys_inode_never_passes_for_another_file() -> None:
+    """Canaries are known by inode number.  The agent deletes them and makes files in their
+    place: none gets a canary's number (opening it would be a critical alert), and once the
+    sandbox is gone its numbers are canaries no more."""
+    with Sandbox(mode="observe") as sb:
+        context = sb.pipeline.engine.context
+        planted = {ev.file_id(c.path): c.kind for c in sb.canaries}
+        assert {fid: context.canary_kind(*fid) for fid in planted} == planted
+        sb.exec(f"rm {' '.join(c.sandbox_path for c in sb.canaries)}")
+        places = (".", ".aws", ".ssh", ".electrum/wallets")  # where the canaries were
+        made_in = " ".join(f"~/{d}" for d in places)
+        sb.exec(f"for d in {made_in}; do for i in $(seq 100); do echo $i >$d/new$i; cat $d/new$i; done; done")
+        sb.flush_events()
+        made = {ev.file_id(p) for d in places for p in (sb.layout.home / d).glob("new*")}
+        assert len(made) == 400 and not made & planted.keys()
+        assert not [a for a in sb.alerts if a.rule == "Canary credential opened"]
+    assert {context.canary_kind(*fid) for fid in planted} == {None}
+
+
 def test_cleanup_leaves_nothing_behind() -> None:
     with Sandbox() as sb:
         sb.exec("sleep 60 >/dev/null 2>&1 &")

@@ -176,11 +176,11 @@ def test_open_of_watched_file_under_any_name(monitor: Monitor, tmp_path: Path) -
     canary.write_text("[default]\naws_access_key_id = AKIAEXAMPLE\n")
     link = tmp_path / "innocent-name"
     link.symlink_to(canary)
-    monitor.watch_file(canary)
+    canary_id = monitor.watch_file(canary)
     try:
         run = run_in_cgroup(monitor, ["/bin/cat", str(link)])
     finally:
-        monitor.sensor.unwatch_file(canary)
+        monitor.sensor.unwatch_file(canary_id)
     (hit,) = [e for e in run.of("open") if isinstance(e, ev.FileEvent) and "inode" in e.match]
     assert hit.path == str(canary)  # the canonical path, not the link
     assert hit.ino == canary.stat().st_ino

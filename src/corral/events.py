@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import socket
 import time
@@ -253,6 +254,16 @@ class DupSocketEvent(NetEvent):
     @property
     def source_fd(self) -> int:
         return self.result
+
+
+FileId = tuple[int, int]
+"""A file as FileEvent names it: (the kernel's device number, inode number)."""
+
+
+def file_id(path: str | os.PathLike[str]) -> FileId:
+    st = os.stat(path)
+    # user space's dev_t encoding to the kernel's internal one (sb->s_dev)
+    return (os.major(st.st_dev) << 20) | os.minor(st.st_dev), st.st_ino
 
 
 class FileEvent(Event):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corral.enrich.proctable import Process, ProcessTable
-from corral.events import Event
+from corral.events import Event, FileId
 from corral.sensor.sensor import Sensor
 
 #: Path prefixes watched by default: where credentials, persistence and
@@ -62,8 +62,8 @@ class Monitor:
     def watch_prefix(self, prefix: str) -> None:
         self.sensor.watch_prefix(prefix)
 
-    def watch_file(self, path: str | Path) -> None:
-        self.sensor.watch_file(path)
+    def watch_file(self, path: str | Path) -> FileId:
+        return self.sensor.watch_file(path)
 
     def read(self, timeout: float = 0.0) -> list[Event]:
         """The next batch of events, in kernel order, each with ``.proc`` set."""

@@ -10,7 +10,6 @@ and sandbox, with a count, never dropped silently.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -103,7 +102,7 @@ class SandboxContext:
         self._modes: dict[int, str] = {}
         self._episodes: dict[int, str] = {}
         self._steps: dict[tuple[int, int], str] = {}
-        self._canaries: dict[tuple[int, int], str] = {}
+        self._canaries: dict[ev.FileId, tuple[int, str]] = {}  # -> (sandbox, kind)
         self._domains: dict[tuple[int, str], tuple[str, float]] = {}
 
     def add_sandbox(self, sandbox_id: int, name: str, mode: str, episode: str | None) -> None:
@@ -119,15 +118,16 @@ class SandboxContext:
                 table.pop(sandbox_id, None)
             self._steps = {k: v for k, v in self._steps.items() if k[0] != sandbox_id}
             self._domains = {k: v for k, v in self._domains.items() if k[0] != sandbox_id}
+            # Its canaries' inode numbers are free for the file system to give to new files.
+            self._canaries = {k: v for k, v in self._canaries.items() if v[0] != sandbox_id}
 
     def add_step(self, sandbox_id: int, step: int, cmdline: str) -> None:
         with self._lock:
             self._steps[(sandbox_id, step)] = cmdline
 
-    def add_canary(self, path: Path, kind: str) -> None:
-        st = os.stat(path)
+    def add_canary(self, sandbox_id: int, fid: ev.FileId, kind: str) -> None:
         with self._lock:
-            self._canaries[((os.major(st.st_dev) << 20) | os.minor(st.st_dev), st.st_ino)] = kind
+            self._canaries[fid] = (sandbox_id, kind)
 
     def add_domain(self, sandbox_id: int, ip: str, name: str, ttl_s: float) -> None:
         with self._lock:
@@ -152,7 +152,8 @@ class SandboxContext:
         return self._episodes.get(sandbox_id)
 
     def canary_kind(self, dev: int, ino: int) -> str | None:
-        return self._canaries.get((dev, ino))
+        found = self._canaries.get((dev, ino))
+        return found[1] if found is not None else None
 
 
 class Engine:

@@ -275,10 +275,17 @@ class Sandbox:
             self.monitor.watch_prefix(f"{fs.SANDBOX_HOME}/{entry}")
         for entry in WORKSPACE_ENTRIES:
             self.monitor.watch_prefix(f"{fs.WORKSPACE}/{entry}")
+        # Canaries are known by inode number.  A hard link out of the sandbox's sight keeps each
+        # one's inode allocated for the sandbox's life: were the agent to delete a canary, the
+        # file system could otherwise give its number to the next file made (a git hook, say),
+        # which would then pass for the canary.
+        pins = self.state_dir / "canary-pins"
+        pins.mkdir(mode=0o700)
         for canary in self.canaries:
-            self.monitor.watch_file(canary.path)
-            self.pipeline.engine.context.add_canary(canary.path, canary.kind)
-            stack.callback(self.monitor.sensor.unwatch_file, canary.path)
+            os.link(canary.path, pins / canary.kind)
+            fid = self.monitor.watch_file(canary.path)
+            stack.callback(self.monitor.sensor.unwatch_file, fid)
+            self.pipeline.engine.context.add_canary(self.id, fid, canary.kind)
         self._start_holder()
 
     def _start_resolver(self) -> Path:

@@ -51,9 +51,6 @@ def layout_mismatches(obj: BpfObject) -> list[str]:
     return problems
 
 
-def _kernel_dev(st_dev: int) -> int:
-    """User space's dev_t encoding to the kernel's internal one (sb->s_dev)."""
-    return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
 class Sensor:
@@ -145,14 +142,15 @@ class Sensor:
                              f"{records.PATH_LEN} bytes: {prefix!r}")
         self._prefixes.update(records.PATH_KEY.pack(len(raw) * 8, raw), b"\1\0\0\0")
 
-    def watch_file(self, path: str | Path) -> None:
-        """Report every open of this file, under any name (canaries)."""
-        st = os.stat(path)
-        self._inodes.update(records.INODE_KEY.pack(st.st_ino, _kernel_dev(st.st_dev)), b"\1\0\0\0")
+    def watch_file(self, path: str | Path) -> ev.FileId:
+        """Report every open of this file, under any name (canaries).  Returns the id to
+        unwatch it by: the path may be gone by then."""
+        fid = ev.file_id(path)
+        self._inodes.update(records.INODE_KEY.pack(fid[1], fid[0]), b"\1\0\0\0")
+        return fid
 
-    def unwatch_file(self, path: str | Path) -> None:
-        st = os.stat(path)
-        self._inodes.delete(records.INODE_KEY.pack(st.st_ino, _kernel_dev(st.st_dev)))
+    def unwatch_file(self, fid: ev.FileId) -> None:
+        self._inodes.delete(records.INODE_KEY.pack(fid[1], fid[0]))
 
     # -- events ------------------------------------------------------------
 
