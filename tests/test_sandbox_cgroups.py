@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -258,6 +259,34 @@ def test_freeze_stops_a_process_and_thaw_resumes_it(make: MakeSandbox, spawn: Sp
     sb.thaw()
     assert not sb.frozen
     assert wait_until(lambda: out.stat().st_size > size)
+
+
+def test_a_freeze_meeting_a_thaw_is_not_an_error(make: MakeSandbox, spawn: Spawn, tmp_path: Path) -> None:
+    """A freeze action (pipeline thread) and a release (the user's) at the same moment: each writes
+    its state and waits for it, so they must take turns, or one waits out the other."""
+    sb = make()
+    out = tmp_path / "count"
+    out.touch()
+    spawn(sb.new_step(1), COUNTER, str(out))
+    assert wait_until(lambda: out.stat().st_size > 0)
+    errors: list[BaseException] = []
+
+    def run(op: Callable[[], None]) -> None:
+        try:
+            op()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    for _ in range(30):
+        sb.freeze()
+        threads = [threading.Thread(target=run, args=(op,)) for op in (sb.thaw, sb.freeze)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        sb.thaw()
+    assert not sb.frozen
 
 
 @pytest.mark.parametrize("how", ["cgroup.kill", "freeze-and-kill-each"])

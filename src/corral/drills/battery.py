@@ -227,9 +227,11 @@ class Battery:
             return row
         mark = self.logs.mark()
         t0 = time.monotonic()
+        evidence_dir: Path | None = None
         try:
             with Sandbox("default", mode=self.mode, netns=self.lab.client, allow=sc.allow, pids=sc.pids,
                          memory=sc.memory, episode=f"drill-{sc.name}") as sb:
+                evidence_dir = STATE_DIR / "evidence" / sb.name
                 for path, text, mode in sc.files:
                     sb.put_file(path, text, mode)
                 if sc.relay_key and self.relay_key is not None:
@@ -248,14 +250,15 @@ class Battery:
                 if sb.frozen:
                     sb.release()  # so that close() ends its processes at once
                 alerts = list(sb.alerts)
-                evidence_dir = STATE_DIR / "evidence" / sb.name
         except (CorralError, OSError) as exc:
             row.broken, row.reason = True, f"could not run: {exc}"
             row.seconds = time.monotonic() - t0
             return row
+        finally:
+            # A freeze's evidence bundle (the drill's verdict is the row; nothing of the drill stays behind)
+            if evidence_dir is not None:
+                shutil.rmtree(evidence_dir, ignore_errors=True)
         closed_ns = time.time_ns()
-        # A freeze's evidence bundle (the drill's verdict is the row; nothing of the drill stays behind)
-        shutil.rmtree(evidence_dir, ignore_errors=True)
         row.leftover = self._leftover_sockets()
         time.sleep(LOG_GRACE_S)
         self._judge(sc, row, alerts, step, start_ns, self.logs.since(mark), closed_ns)

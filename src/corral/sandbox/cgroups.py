@@ -328,6 +328,9 @@ class SandboxCgroup:
             raise ValueError(f"{name!r} is not a usable sandbox name: use letters, digits, '.', '_', '-'")
         self.name = name
         self.path = cgroup2_root() / _BASE / name
+        # A freeze action (pipeline thread) can meet a release (the user's thread): each waits for
+        # the state it wrote, so one at a time, or each would wait out the other's.
+        self._freezer = threading.Lock()
         # controller -> this sandbox's directory in the v1 hierarchy carrying it (hybrid hosts only)
         self._v1 = {ctrl: mount / _BASE / name for ctrl, mount in _v1_mounts().items()}
         # step leaf -> its v1 limit counters once it is empty for good (None while it may still count):
@@ -395,16 +398,18 @@ class SandboxCgroup:
 
     # The freezer follows the controllers' rule: v1's where the host mounts it, else v2's cgroup.freeze.
     def freeze(self) -> None:
-        if "freezer" in self._v1:
-            _freeze_v1(self._v1["freezer"], True)
-        else:
-            _freeze_v2(self.path, True)
+        with self._freezer:
+            if "freezer" in self._v1:
+                _freeze_v1(self._v1["freezer"], True)
+            else:
+                _freeze_v2(self.path, True)
 
     def thaw(self) -> None:
-        if "freezer" in self._v1:
-            _freeze_v1(self._v1["freezer"], False)
-        else:
-            _freeze_v2(self.path, False)
+        with self._freezer:
+            if "freezer" in self._v1:
+                _freeze_v1(self._v1["freezer"], False)
+            else:
+                _freeze_v2(self.path, False)
 
     @property
     def frozen(self) -> bool:
