@@ -70,6 +70,7 @@ struct exec_event {
 	struct event_header hdr;
 	__u32 flags;       /* EXEC_* */
 	__u32 args_len;    /* bytes used in args: NUL-separated argv */
+	__u64 exe_ctime_ns; /* when the executable's inode last changed (CLOCK_REALTIME): written in this step? */
 	char filename[PATH_LEN];
 	char cwd[PATH_LEN];
 	char args[ARGS_LEN];

@@ -564,6 +564,38 @@ static __always_inline bool fd_is_socket(int fd)
 	return file_socket(fd_file(fd)) != NULL;
 }
 
+/* The inode's change time moved twice in the kernel's struct inode: i_ctime (timespec64) until
+ * 6.6, __i_ctime until 6.11, then i_ctime_sec and i_ctime_nsec.  These flavors let one object
+ * read whichever the running kernel has. */
+struct inode___ctime_split {
+	time64_t i_ctime_sec;
+	u32 i_ctime_nsec;
+} __attribute__((preserve_access_index));
+
+struct inode___ctime_hidden {
+	struct timespec64 __i_ctime;
+} __attribute__((preserve_access_index));
+
+struct inode___ctime_plain {
+	struct timespec64 i_ctime;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 inode_ctime_ns(struct inode *inode)
+{
+	struct timespec64 ts = {};
+
+	if (bpf_core_field_exists(struct inode___ctime_split, i_ctime_sec)) {
+		struct inode___ctime_split *i = (void *)inode;
+
+		return BPF_CORE_READ(i, i_ctime_sec) * 1000000000ull + BPF_CORE_READ(i, i_ctime_nsec);
+	}
+	if (bpf_core_field_exists(struct inode___ctime_hidden, __i_ctime))
+		ts = BPF_CORE_READ((struct inode___ctime_hidden *)inode, __i_ctime);
+	else if (bpf_core_field_exists(struct inode___ctime_plain, i_ctime))
+		ts = BPF_CORE_READ((struct inode___ctime_plain *)inode, i_ctime);
+	return ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
 SEC("tp/sched/sched_process_exec")
 int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 {
@@ -597,6 +629,10 @@ int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 	if (bpf_probe_read_user(e->args, len, (void *)arg_start) < 0)
 		len = 0;
 	e->args_len = len;
+
+	/* A file written (or made executable) after its step began, then run, is a dropped payload
+	 * more often than a build: user space compares this with the step's start. */
+	e->exe_ctime_ns = inode_ctime_ns(BPF_CORE_READ(task, mm, exe_file, f_inode));
 
 	pwd = BPF_CORE_READ(task, fs, pwd);
 	off = walk_path(s, &pwd);

@@ -300,15 +300,6 @@ def setup_xmrig(sb: Sandbox) -> None:
     put(sb, "xmrig.sh", XMRIG_SH, 0o755)
 
 
-# -- known gaps (strict xfails: each names what is wrong and the proposed fix) -----------
-
-XFAIL_TMP_EXEC = (
-    "exec of a copied binary from /tmp is only 'Executable run from a temporary directory' (low); threats.md "
-    "asks for 'exec of a file written in the same step'. Fix: report in the exec event whether the file was "
-    "created/modified after the step began (inode ctime from bprm->file at exec) and raise a medium rule "
-    "for scratch_exe written in the same step")
-
-
 @dataclass
 class Scenario:
     id: str
@@ -386,7 +377,7 @@ SCENARIOS = [
     Scenario("setuid-0", "privilege_escalation", ["python3", "-c", SETUID_PY]),
     # -- defense_evasion
     Scenario("exec-from-dev-shm", "defense_evasion", "cp /bin/true /dev/shm/x && /dev/shm/x"),
-    Scenario("exec-from-tmp", "defense_evasion", "cp /bin/true /tmp/helper && /tmp/helper", xfail=XFAIL_TMP_EXEC),
+    Scenario("exec-from-tmp", "defense_evasion", "cp /bin/true /tmp/helper && /tmp/helper"),
     Scenario("memfd-exec", "defense_evasion", ["python3", "-c", MEMFD_PY]),
     Scenario("truncate-bash-history", "defense_evasion", "echo ls > ~/.bash_history; : > ~/.bash_history"),
     # -- exfiltration

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,11 @@ def header(type_id: int, *, pid: int = 4242, ppid: int = 4000, uid: int = 1000, 
     return (123_456_789, 77, type_id, pid, pid, ppid, uid, sandbox, step, comm.encode())
 
 
-def exec_event(filename: str, argv: Sequence[str], cwd: str = "/workspace", flags: int = 0, **hdr: Any) -> ev.Event:
+def exec_event(filename: str, argv: Sequence[str], cwd: str = "/workspace", flags: int = 0, exe_ctime_ns: int = 0,
+               **hdr: Any) -> ev.Event:
     args = b"".join(a.encode() + b"\0" for a in argv)
-    fixed = rec.STRUCTS["exec_event"].pack(*header(ev.EXEC, **hdr), flags, len(args), filename.encode(), cwd.encode())
+    fixed = rec.STRUCTS["exec_event"].pack(*header(ev.EXEC, **hdr), flags, len(args), exe_ctime_ns,
+                                           filename.encode(), cwd.encode())
     return rec.decode(fixed + args)
 
 
@@ -71,6 +75,9 @@ ANCESTRY = {4242: [Process(4000, 3000, "bash", "/bin/bash", ("bash",), "/", 1000
                    Process(3000, 1, "sshd", "/usr/sbin/sshd", ("sshd: agent",), "/", 0)]}
 
 
+STEP_STARTED_NS = 1_700_000_000_000_000_000
+
+
 class LabContext(NullContext):
     """A Context with one sandbox, one resolved name and one canary."""
 
@@ -85,6 +92,9 @@ class LabContext(NullContext):
 
     def step_cmdline(self, sandbox_id: int, step_id: int) -> str | None:
         return "pip install x" if (sandbox_id, step_id) == (7, 3) else None
+
+    def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
+        return STEP_STARTED_NS if (sandbox_id, step_id) == (7, 3) else None
 
     def episode(self, sandbox_id: int) -> str | None:
         return "rollout-12" if sandbox_id == 7 else None
@@ -171,6 +181,18 @@ def test_ancestry_and_context(reg: FieldRegistry) -> None:
     other = exec_event("/usr/bin/nc", ["nc"], pid=5, sandbox=8)
     assert values(reg, other, "proc.pname", "sandbox.name", "episode.id") == {
         "proc.pname": None, "sandbox.name": None, "episode.id": None}
+
+
+def test_written_in_step_compares_the_executables_change_time_with_the_steps_start(reg: FieldRegistry) -> None:
+    def written(ctime_ns: int, **hdr: Any) -> object:
+        return value(reg, exec_event("/tmp/helper", ["/tmp/helper"], exe_ctime_ns=ctime_ns, **hdr),
+                     "proc.exe_written_in_step")
+
+    assert written(STEP_STARTED_NS + 10**9) is True
+    assert written(STEP_STARTED_NS - 3_000_000) is True  # the kernel's coarse clock runs a tick behind
+    assert written(STEP_STARTED_NS - 60 * 10**9) is False  # an older file
+    assert written(STEP_STARTED_NS + 10**9, sandbox=8) is None  # a step nobody told the context about
+    assert written(0) is None  # no time from the kernel
 
 
 def test_other_kernel_events_take_the_image_from_the_process_table(reg: FieldRegistry) -> None:
@@ -345,6 +367,28 @@ def holds(registry: FieldRegistry, event: ev.Event, condition: str) -> bool:
     kind = event.kind
     pred = compile_condition(condition, registry.resolver(kind), known_fields=registry.known_fields(kind))
     return bool(pred(event))
+
+
+def test_written_in_step_on_real_execs(monitor: Monitor, tmp_path: Path) -> None:
+    """The kernel reports the executable's inode change time: a copy made in the step is written
+    in it, one made before it is not, and neither is a system binary."""
+    old, new = tmp_path / "old-true", tmp_path / "new-true"
+    shutil.copy("/bin/true", old)
+    time.sleep(0.05)  # more than the slack that covers the kernel's coarse clock
+
+    class Stepped(NullContext):
+        started_ns = time.time_ns()
+
+        def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
+            return self.started_ns
+
+    run = run_in_cgroup(monitor, ["/bin/sh", "-c", f"cp /bin/true {new} && {new} && {old} && /bin/true"])
+    assert run.returncode == 0, run.stderr
+    registry = FieldRegistry(Stepped(), ancestors=monitor.ancestors)
+    written = {e.filename: holds(registry, e, "proc.exe_written_in_step = true")
+               for e in run.of("exec") if isinstance(e, ev.ExecEvent)}
+    assert {k: written[k] for k in (str(new), str(old), "/bin/true")} == {
+        str(new): True, str(old): False, "/bin/true": False}
 
 
 def test_conditions_on_a_real_exec(monitor: Monitor) -> None:

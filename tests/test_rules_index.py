@@ -163,7 +163,7 @@ class FakeEvent:
         self.pid, self.ppid, self.uid, self.tid, self.cgroup_id = 4242, 4000, 1000, 4242, 77
         self.sandbox_id, self.step_id, self.time_ns, self.ts_ns = 7, 3, 1_700_000_000_000_000_000, 1
         self.comm, self.proc = "", None
-        self.filename, self.argv, self.cwd, self.flags = "", [], "/workspace", 0
+        self.filename, self.argv, self.cwd, self.flags, self.exe_ctime_ns = "", [], "/workspace", 0, 0
         self.family, self.addr, self.port, self.local_port, self.sock_type = "inet", "", 0, 40000, "stream"
         self.unix_path, self.result, self.target_fd = "", 0, 0
         self.path, self.path2, self.writable, self.truncates, self.dev, self.ino = "", "", False, False, 0, 0
@@ -176,6 +176,9 @@ class FakeEvent:
     def __repr__(self) -> str:
         shown = {k: v for k, v in vars(self).items() if v not in ("", 0, [], {}, None, False)}
         return f"FakeEvent({shown})"
+
+
+STEP_STARTED_NS = 1_700_000_000_000_000_000
 
 
 class World(NullContext):
@@ -198,6 +201,9 @@ class World(NullContext):
     def canary_kind(self, dev: int, ino: int) -> str | None:
         return "aws" if ino == 99 else None
 
+    def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
+        return STEP_STARTED_NS
+
     def event(self, kind: str, values: dict[str, Any]) -> FakeEvent:
         """An event of ``kind`` on which the fields have ``values`` (as far as they apply)."""
         v = values
@@ -219,6 +225,8 @@ class World(NullContext):
                                  "step_id": v.get("step.id", 3), "result": v.get("evt.res", 0)}
         if kind == "exec":
             attrs.update(filename=exe, argv=argv, flags=0b10 if v.get("proc.stdio_socket") else 0)
+            if "proc.exe_written_in_step" in v:  # a minute after the step began, or a day before
+                attrs["exe_ctime_ns"] = STEP_STARTED_NS + (60 if v["proc.exe_written_in_step"] else -86400) * 10**9
         else:
             attrs["proc"] = Process(pid, 4000, name, exe, tuple(argv), "/workspace", uid)
         dip = v.get("net.dip")

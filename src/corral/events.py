@@ -156,23 +156,28 @@ class Event:
 
 class ExecEvent(Event):
     __slots__ = ()
-    FIELDS = ("filename", "argv", "cwd", "args_truncated", "stdio_sockets")
+    FIELDS = ("filename", "argv", "cwd", "args_truncated", "stdio_sockets", "exe_ctime_ns")
 
     @property
     def flags(self) -> int:
         return int(self._t[10])
 
     @property
-    def filename(self) -> str:
-        return _cstr(self._t[12])
+    def exe_ctime_ns(self) -> int:
+        """When the executable's inode last changed (written, created, chmod-ed), ns since the epoch."""
+        return int(self._t[12])
 
     @property
-    def cwd(self) -> str:
+    def filename(self) -> str:
         return _cstr(self._t[13])
 
     @property
+    def cwd(self) -> str:
+        return _cstr(self._t[14])
+
+    @property
     def argv(self) -> list[str]:
-        raw: bytes = self._t[14]
+        raw: bytes = self._t[15]
         # One decode, then split: NUL is a byte of its own in UTF-8, so this equals decoding each
         # argument, at a third of the cost (exec events are what the rules look at most).
         return raw.rstrip(b"\0").decode(errors="replace").split("\0") if raw else []

@@ -101,7 +101,7 @@ class SandboxContext:
         self._names: dict[int, str] = {}
         self._modes: dict[int, str] = {}
         self._episodes: dict[int, str] = {}
-        self._steps: dict[tuple[int, int], str] = {}
+        self._steps: dict[tuple[int, int], tuple[str, int]] = {}  # -> (cmdline, started wall ns)
         self._canaries: dict[ev.FileId, tuple[int, str]] = {}  # -> (sandbox, kind)
         self._domains: dict[tuple[int, str], tuple[str, float]] = {}
 
@@ -122,8 +122,9 @@ class SandboxContext:
             self._canaries = {k: v for k, v in self._canaries.items() if v[0] != sandbox_id}
 
     def add_step(self, sandbox_id: int, step: int, cmdline: str) -> None:
+        """Call it just before the step's first process starts: that is when the step began."""
         with self._lock:
-            self._steps[(sandbox_id, step)] = cmdline
+            self._steps[(sandbox_id, step)] = (cmdline, time.time_ns())
 
     def add_canary(self, sandbox_id: int, fid: ev.FileId, kind: str) -> None:
         with self._lock:
@@ -146,7 +147,12 @@ class SandboxContext:
         return self._modes.get(sandbox_id)
 
     def step_cmdline(self, sandbox_id: int, step_id: int) -> str | None:
-        return self._steps.get((sandbox_id, step_id))
+        found = self._steps.get((sandbox_id, step_id))
+        return found[0] if found is not None else None
+
+    def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
+        found = self._steps.get((sandbox_id, step_id))
+        return found[1] if found is not None else None
 
     def episode(self, sandbox_id: int) -> str | None:
         return self._episodes.get(sandbox_id)

@@ -570,6 +570,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         "a binary copied to /dev/shm and run from there",
         "cp /bin/true /dev/shm/.x && /dev/shm/.x"),
     Scenario(
+        "exec-written-in-tmp", "defense_evasion",
+        "a binary dropped into /tmp under a harmless name, made executable and run in one step",
+        "cp /bin/true /tmp/update-helper && chmod 755 /tmp/update-helper && /tmp/update-helper"),
+    Scenario(
         "memfd-exec", "defense_evasion",
         "fileless: a binary written to a memfd and executed from it, named kworker",
         "python3 /workspace/.agent/memfd.py",

@@ -50,6 +50,9 @@ class Context(Protocol):
 
     def step_cmdline(self, sandbox_id: int, step_id: int) -> str | None: ...
 
+    def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
+        """When the step began, ns since the epoch."""
+
     def episode(self, sandbox_id: int) -> str | None: ...
 
     def canary_kind(self, dev: int, ino: int) -> str | None:
@@ -69,6 +72,9 @@ class NullContext:
         return None
 
     def step_cmdline(self, sandbox_id: int, step_id: int) -> str | None:
+        return None
+
+    def step_started_ns(self, sandbox_id: int, step_id: int) -> int | None:
         return None
 
     def episode(self, sandbox_id: int) -> str | None:
@@ -103,6 +109,10 @@ _STDIO_SOCKETS = 0b1110
 #: where an executable is one the agent could have written (proc.exe_writable)
 WRITABLE_PREFIXES = ("/tmp/", "/var/tmp/", "/dev/shm/", "/workspace/", "/home/", "/root/", "/run/user/",
                      "memfd:", "/memfd:")
+
+#: inode times come from the kernel's coarse clock, up to a tick (4-10 ms) behind the one that
+#: timed the step's start: a file written as the step began may look that much older
+_CTIME_SLACK_NS = 10_000_000
 
 # ---------------------------------------------------------------- field table
 
@@ -265,6 +275,20 @@ def _writable(reg: FieldRegistry, kind: str) -> Getter:
 
 
 _simple("proc.exe_writable", ALL, _writable)
+
+
+def _written_in_step(reg: FieldRegistry, kind: str) -> Getter:
+    started = reg.context.step_started_ns
+
+    def get(e: ev.ExecEvent) -> bool | None:
+        began = started(e.sandbox_id, e.step_id)
+        if began is None or not e.exe_ctime_ns:
+            return None
+        return e.exe_ctime_ns + _CTIME_SLACK_NS >= began
+    return get
+
+
+_simple("proc.exe_written_in_step", frozenset({"exec"}), _written_in_step)
 _simple("proc.stdio_socket", frozenset({"exec"}), lambda reg, kind: lambda e: e.flags & _STDIO_SOCKETS != 0)
 
 

@@ -24,7 +24,7 @@ ARGS_LEN = 2048
 
 # struct name -> (struct format after the header, C member names after hdr)
 LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "exec_event": ("II256s256s", ("flags", "args_len", "filename", "cwd")),
+    "exec_event": ("IIQ256s256s", ("flags", "args_len", "exe_ctime_ns", "filename", "cwd")),
     "net_event": ("iIHHHH16sH6x128s", ("result", "fd", "family", "port", "sock_type", "protocol",
                                        "addr", "local_port", "_pad", "unix_path")),
     "file_event": ("iIIIQ256s256s", ("result", "flags", "match", "dev", "ino", "path", "path2")),
