@@ -17,6 +17,7 @@ Scenarios corral does not catch yet are strict xfails whose reason names the gap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -30,9 +31,9 @@ from pathlib import Path
 import pytest
 from netlab import TestNet, assert_no_route_out
 
-from corral import events as ev
 from corral.detect.engine import SEVERITIES, Alert
 from corral.drills.scenarios import MINER_PY  # the drill battery's miner: the same real hashing
+from corral.sandbox.policy import load_policy
 from corral.sandbox.runner import Result, Sandbox
 
 pytestmark = pytest.mark.skipif(
@@ -413,52 +414,16 @@ def test_scenario_is_detected(sb: Sandbox, scenario: Scenario) -> None:
 
 # -- resource abuse ----------------------------------------------------------------
 
-XFAIL_CPU = (
-    "a CPU-bound process is not an alert within seconds, and cannot be made one: Sandbox takes no detector "
-    "thresholds (Engine builds Detectors() itself; no Sandbox(detectors=...) or policy knob: this test reaches "
-    "into the shared pipeline), and the rules hard-code durations on top of the detector's (resource_abuse "
-    "'Sustained CPU saturation': cpu.seconds >= 900; cryptomining CPU rules: >= 60 with a peer or a scratch exe). "
-    "Fix: a Sandbox/Policy knob for detector thresholds, and CPU rules that trust the detector's conclusion "
-    "or read their duration from an overridable macro")
-
-
-@contextlib.contextmanager
-def tuned_cpu_detector(sb: Sandbox, percent: float, seconds: float) -> Iterator[list[ev.DerivedEvent]]:
-    """Lower the shared pipeline's cpu_saturation thresholds for the block (there is no public
-    knob) and collect what the detector concludes about this sandbox."""
-    cpu = sb.pipeline.engine.detectors.cpu
-    saved = cpu.percent, cpu.window_ns
-    concluded: list[ev.DerivedEvent] = []
-    real_tick = cpu.tick
-
-    def tick(now_ns: int) -> list[ev.DerivedEvent]:
-        out = real_tick(now_ns)
-        concluded.extend(e for e in out if e.sandbox_id == sb.id)
-        return out
-
-    cpu.tick = tick  # type: ignore[method-assign]
-    cpu.percent, cpu.window_ns = percent, int(seconds * 1e9)
-    try:
-        yield concluded
-    finally:
-        cpu.percent, cpu.window_ns = saved
-        del cpu.tick
-
-
-def test_cpu_saturation_is_concluded_in_a_sandbox(sb: Sandbox) -> None:
-    with tuned_cpu_detector(sb, 40.0, 1.5) as concluded:
+def test_cpu_burn_beyond_the_policy_raises_resource_abuse(lab: Lab) -> None:
+    """A sandbox whose policy says 40% of a CPU for 1.5 s is too much: a 4 s busy loop is an alert,
+    from the detector's conclusion at the policy's thresholds (its own are 40% for 20 s)."""
+    assert_no_route_out(lab.client)
+    policy = dataclasses.replace(load_policy("default"), mode="observe", cpu_saturation=(40.0, 1.5))
+    with Sandbox(policy, netns=lab.client) as sb:
         step = run(sb, ["python3", "-c", CPU_BURN_PY])
-        sb.flush_events()
-    hits = [e for e in concluded if e.step_id == step.number]
-    assert hits and hits[0].data["percent"] >= 40, (concluded, describe(sb, step.number))
-    print(f"\n  cpu_saturation: {hits[0].data}")
-
-
-@pytest.mark.xfail(strict=True, reason=XFAIL_CPU)
-def test_cpu_burn_raises_resource_abuse(sb: Sandbox) -> None:
-    with tuned_cpu_detector(sb, 40.0, 1.5):
-        step = run(sb, ["python3", "-c", CPU_BURN_PY])
-        expect(sb, step, "resource_abuse", ("cpu_saturation",), within=1.0)
+        alerts = expect(sb, step, "resource_abuse", ("cpu_saturation",), within=1.0)
+    first = min(alerts, key=lambda a: a.time_ns)
+    assert first.rule == "CPU use beyond the sandbox policy" and first.event.data["percent"] >= 40
 
 
 # -- benign work ---------------------------------------------------------------------

@@ -265,6 +265,22 @@ def test_throttled_busy_process_with_its_peer(watched: Callable[..., Watched], l
 
 
 @needs_root
+def test_a_sandbox_policy_sets_its_own_thresholds(watched: Callable[..., Watched]) -> None:
+    """The detector's own thresholds (40% for 30 s) do not see a 2.5 s burn; the policy's of the
+    sandbox it runs in (40% for 1 s) do, and say so; another sandbox keeps the detector's."""
+    code = "import time\nend = time.monotonic() + 2.5\nwhile time.monotonic() < end: pass\n"
+    w = watched()
+    det = CpuSaturationDetector(percent=40, seconds=30)
+    det.set_thresholds(w.sandbox_id, 40, 1.0)
+    found = w.run(det, [PY, "-c", code])
+    assert found and found[0].data["policy"] is True and found[0].data["percent"] >= 40
+    other = watched()
+    assert other.sandbox_id != w.sandbox_id and other.run(det, [PY, "-c", code]) == []
+    det.clear_thresholds(w.sandbox_id)
+    assert w.run(det, [PY, "-c", code]) == []
+
+
+@needs_root
 def test_short_burst_is_not_saturation(watched: Callable[..., Watched]) -> None:
     code = "import time\nt = time.monotonic() + 0.3\nwhile time.monotonic() < t: pass\ntime.sleep(2)\n"
     w = watched()

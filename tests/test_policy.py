@@ -19,6 +19,7 @@ egress:
   deny: ["169.254.169.254"]
 limits: {cpus: 2, memory: 2G, pids: 512}
 filesystem: {extra_ro: ["/opt/tools"]}
+detect: {cpu_saturation: {percent: 90, seconds: 60}}
 """
 
 
@@ -52,7 +53,8 @@ def test_a_full_file(tmp_path: Path) -> None:
         allow=("198.51.100.10/32:22", "10.0.0.0/8", "[2001:db8::1/128]:443", "2001:db8:1::/48"),
         allow_domains=("pypi.org", "files.pythonhosted.org", "*.github.com"),
         deny=("169.254.169.254/32",),
-        cpus=2.0, memory_bytes=2 * 1024**3, pids=512, extra_ro=(Path("/opt/tools"),))
+        cpus=2.0, memory_bytes=2 * 1024**3, pids=512, extra_ro=(Path("/opt/tools"),),
+        cpu_saturation=(90.0, 60.0))
 
 
 def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
@@ -90,11 +92,21 @@ def test_bad_overrides_are_refused(overrides: dict[str, object], message: str) -
 @pytest.mark.parametrize(("text", "expected"), [
     # unknown fields, at every level
     ("name: x\negres:\n  allow: []\n",
-     "policy.yaml:2: unknown field 'egres' under the top level; known: name, mode, egress, limits, filesystem"),
+     "policy.yaml:2: unknown field 'egres' under the top level; known: name, mode, egress, limits, filesystem, "
+     "detect"),
     ("egress:\n  allow: []\n  alow: []\n", "policy.yaml:3: unknown field 'alow' under 'egress'"),
     ("limits:\n  cpu: 2\n", "policy.yaml:2: unknown field 'cpu' under 'limits'; known: cpus, memory, pids"),
     ("filesystem:\n  extra_rw: [/opt]\n", "policy.yaml:2: unknown field 'extra_rw' under 'filesystem'"),
     ("name: a\nname: b\n", "policy.yaml:2: field 'name' is given twice"),
+    ("detect:\n  cpu: {percent: 90}\n", "policy.yaml:2: unknown field 'cpu' under 'detect'; known: cpu_saturation"),
+    ("detect:\n  cpu_saturation: {percent: 90, secs: 60}\n",
+     "policy.yaml:2: unknown field 'secs' under 'detect.cpu_saturation'; known: percent, seconds"),
+    ("detect:\n  cpu_saturation:\n    percent: 90\n", "policy.yaml:3: 'detect.cpu_saturation' needs seconds"),
+    ("detect:\n  cpu_saturation: {percent: 0, seconds: 60}\n",
+     "policy.yaml:2: 'detect.cpu_saturation.percent' must be more than 0"),
+    ("detect:\n  cpu_saturation: {percent: 90, seconds: 1m}\n",
+     "policy.yaml:2: 'detect.cpu_saturation.seconds' must be a number of seconds, not a string"),
+    ("detect:\n  cpu_saturation: 90\n", "policy.yaml:2: 'detect.cpu_saturation' must be a mapping of fields"),
     # bad addresses and ports
     ("egress:\n  allow:\n    - 10.0.0.0/8\n    - 10.0.0.0/33\n", "policy.yaml:4: 'egress.allow[1]'"),
     ("egress:\n  allow: ['10.0.0.1/8']\n", "policy.yaml:2: 'egress.allow[0]': .*host bits set"),

@@ -78,10 +78,16 @@ class Pipeline(threading.Thread):
     def add_sandbox(self, sandbox_id: int, listener_event: Callable[[ev.Event], None],
                     listener_alert: Callable[[Alert], None],
                     poll: Callable[[], list[ev.Event]] | None = None, *, limits: SandboxCgroup | None = None,
-                    alerted: threading.Condition | None = None) -> None:
+                    alerted: threading.Condition | None = None,
+                    cpu_saturation: tuple[float, float] | None = None) -> None:
         """Deliver this sandbox's events and alerts.  `poll` reports its limit hits: with `limits`
         (the cgroup whose counters it reads) only when they may have moved (LimitWatch), else every
-        tick.  `alerted` is notified after each of its alerts was handled."""
+        tick.  `alerted` is notified after each of its alerts was handled.  `cpu_saturation`:
+        the sandbox's own (percent, seconds) for the CPU detector (its policy's)."""
+        if cpu_saturation is not None:
+            percent, seconds = cpu_saturation
+            cpu = self.engine.detectors.cpu
+            self._in_pipeline_thread(lambda: cpu.set_thresholds(sandbox_id, percent, seconds))
         if limits is not None:
             self.limits.add(sandbox_id, limits)
         with self._lock:
@@ -105,6 +111,7 @@ class Pipeline(threading.Thread):
                 if listener is not None:
                     listener.on_alert(alert)
             self.engine.context.remove_sandbox(sandbox_id)
+            self.engine.detectors.cpu.clear_thresholds(sandbox_id)
 
         self._in_pipeline_thread(report_folds)
 

@@ -429,7 +429,7 @@ _DATA: dict[str, tuple[str, ...]] = {
     "dns": ("dns.name", "dns.qtype", "dns.allowed", "dns.answers", "dns.rcode"),
     "scan": ("scan.hosts", "scan.ports", "scan.attempts", "scan.failed", "scan.window_s", "scan.targets",
              "scan.scope"),
-    "cpu_saturation": ("cpu.percent", "cpu.seconds", "cpu.peers"),
+    "cpu_saturation": ("cpu.percent", "cpu.seconds", "cpu.peers", "cpu.policy"),
     "long_session": ("session.seconds",),
     "cred_then_egress": ("cred.path", "cred.kind", "cred.seconds"),
     "dns_tunnel": ("tunnel.domain", "tunnel.names", "tunnel.entropy", "tunnel.txt"),

@@ -9,6 +9,8 @@ egress:                      # default: nothing at all
   deny: ["169.254.169.254"]                      # wins over allow
 limits: {cpus: 2, memory: 2G, pids: 512}         # each optional; memory in bytes or K/M/G/T
 filesystem: {extra_ro: ["/opt/tools"]}          # host paths shown read-only at the same place
+detect:                      # this sandbox's own alert thresholds
+  cpu_saturation: {percent: 90, seconds: 60}     # one process this busy this long is an alert
 ```
 
 The file is a contract with its author, so nothing is guessed or skipped: an unknown field,
@@ -41,10 +43,12 @@ from corral.sandbox.fs import check_extra_ro
 
 MODES = ("enforce", "observe")
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "": ("name", "mode", "egress", "limits", "filesystem"),
+    "": ("name", "mode", "egress", "limits", "filesystem", "detect"),
     "egress": ("allow", "allow_domains", "deny"),
     "limits": ("cpus", "memory", "pids"),
     "filesystem": ("extra_ro",),
+    "detect": ("cpu_saturation",),
+    "detect.cpu_saturation": ("percent", "seconds"),
 }
 # One DNS label, as the resolver compares them (underscores appear in real names: _dmarc).
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
@@ -70,6 +74,8 @@ class Policy:
     memory_bytes: int | None = None
     pids: int | None = None
     extra_ro: tuple[Path, ...] = ()
+    #: (percent of one CPU, seconds): a process of this sandbox that busy that long is an alert
+    cpu_saturation: tuple[float, float] | None = None
 
     def merged(self, *, allow: Sequence[str] = (), allow_domains: Sequence[str] = (), deny: Sequence[str] = (),
                mode: str | None = None, cpus: float | None = None, memory_bytes: int | None = None,
@@ -143,6 +149,7 @@ class _Parser:
         egress = self.mapping(top["egress"], "egress") if "egress" in top else {}
         limits = self.mapping(top["limits"], "limits") if "limits" in top else {}
         fs = self.mapping(top["filesystem"], "filesystem") if "filesystem" in top else {}
+        detect = self.mapping(top["detect"], "detect") if "detect" in top else {}
 
         name = default_name
         if "name" in top:
@@ -173,6 +180,7 @@ class _Parser:
             memory_bytes=self.memory(limits.get("memory")),
             pids=self.pids(limits.get("pids")),
             extra_ro=tuple(Path(p) for p in entries(fs.get("extra_ro"), "filesystem.extra_ro", _extra_ro)),
+            cpu_saturation=self.cpu_saturation(detect.get("cpu_saturation")),
         )
 
     # ---------------------------------------------------------------- structure
@@ -234,6 +242,19 @@ class _Parser:
         if node is None or _kind(node) == "null":
             return None
         return int(self.number(node, "limits.pids", ("int",), "a whole number of processes"))
+
+    def cpu_saturation(self, node: Node | None) -> tuple[float, float] | None:
+        if node is None or _kind(node) == "null":
+            return None
+        given = self.mapping(node, "detect.cpu_saturation")
+        missing = [f for f in ("percent", "seconds") if f not in given]
+        if missing:
+            raise self.error(node, f"'detect.cpu_saturation' needs {' and '.join(missing)}: "
+                                   "e.g. {percent: 90, seconds: 60}")
+        return (float(self.number(given["percent"], "detect.cpu_saturation.percent", ("int", "float"),
+                                  "a percentage of one CPU such as 90 (above 100 for several threads)")),
+                float(self.number(given["seconds"], "detect.cpu_saturation.seconds", ("int", "float"),
+                                  "a number of seconds")))
 
     def memory(self, node: Node | None) -> int | None:
         if node is None or _kind(node) == "null":

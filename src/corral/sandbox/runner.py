@@ -250,7 +250,7 @@ class Sandbox:
         # sandbox), and by a step's output collector when it is done: what exec() waits on.
         self._step_wake = threading.Condition()
         self.pipeline.add_sandbox(self.id, self._on_event, self._on_alert, self._limit_hits, limits=self.cgroup,
-                                  alerted=self._step_wake)
+                                  alerted=self._step_wake, cpu_saturation=self.policy.cpu_saturation)
         stack.callback(self.pipeline.remove_sandbox, self.id)
         self.exec_guard = self.pipeline.exec_guard
         if self.exec_guard is not None:

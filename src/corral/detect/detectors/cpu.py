@@ -64,8 +64,9 @@ class CpuSaturationDetector:
 
     ``percent``: the average % of one CPU over the last ``seconds_window`` (above 100 for several
     busy threads); ``seconds``: how long the process has been found saturated so far; ``peers``:
-    recent outbound "ip:port" it connected to.  One event per process, another each time
-    ``seconds`` doubles.
+    recent outbound "ip:port" it connected to; ``policy``: whether the thresholds crossed are the
+    sandbox policy's own (set_thresholds) rather than the detector's.  One event per process,
+    another each time ``seconds`` doubles.
     """
 
     kinds = frozenset((ev.EXEC, ev.FORK, ev.EXIT, ev.CONNECT))
@@ -81,6 +82,17 @@ class CpuSaturationDetector:
         self.percent, self.window_ns = percent, int(seconds * NS)
         self.max_per_sandbox, self.max_peers = max_per_sandbox, max_peers
         self._sandboxes: dict[int, Lru[int, _Proc]] = {}
+        self._policies: dict[int, tuple[float, int]] = {}  # sandbox id -> its own (percent, window ns)
+
+    def set_thresholds(self, sandbox_id: int, percent: float, seconds: float) -> None:
+        """A sandbox's own thresholds (its policy's detect.cpu_saturation), in place of the detector's."""
+        self._policies[sandbox_id] = (percent, int(seconds * NS))
+
+    def clear_thresholds(self, sandbox_id: int) -> None:
+        self._policies.pop(sandbox_id, None)
+
+    def _thresholds(self, sandbox_id: int) -> tuple[float, int]:
+        return self._policies.get(sandbox_id) or (self.percent, self.window_ns)
 
     def _table(self, event: ev.Event) -> Lru[int, _Proc]:
         key = event.sandbox_id or -event.cgroup_id  # host-wide mode: one table per cgroup
@@ -117,7 +129,7 @@ class CpuSaturationDetector:
     def _born(self, event: ev.Event, pid: int, ppid: int) -> _Proc:
         """A process taken to be born at `event`, with no CPU time used: the first sample, and nothing
         to read before the window could be full."""
-        proc = _Proc(event, pid, ppid, event.ts_ns, read_ns=event.ts_ns + self.window_ns)
+        proc = _Proc(event, pid, ppid, event.ts_ns, read_ns=event.ts_ns + self._thresholds(event.sandbox_id)[1])
         proc.samples.append((event.ts_ns, 0))
         return proc
 
@@ -155,7 +167,7 @@ class CpuSaturationDetector:
             # seen from (about) its birth: no CPU time used at its start, the first sample
             proc.samples.clear()
             proc.samples.append((start_ns, 0))
-            proc.read_ns = max(proc.read_ns, start_ns + self.window_ns)
+            proc.read_ns = max(proc.read_ns, start_ns + self._thresholds(proc.origin.sandbox_id)[1])
         else:
             proc.samples.clear()  # older than it was taken to be: its CPU time so far is not the window's
             proc.read_ns = 0
@@ -164,7 +176,8 @@ class CpuSaturationDetector:
     def _sample(self, proc: _Proc, now: int, cpu: int) -> ev.DerivedEvent | None:
         samples = proc.samples
         samples.append((now, cpu))
-        since = now - self.window_ns
+        threshold, window_ns = self._thresholds(proc.origin.sandbox_id)
+        since = now - window_ns
         # keep exactly one sample at or before the window's start, to average over >= T seconds
         while len(samples) >= 2 and samples[1][0] <= since:
             samples.popleft()
@@ -173,10 +186,10 @@ class CpuSaturationDetector:
         if start > since or now == start:
             return None  # not watched for T seconds yet
         percent = 100.0 * (cpu - cpu0) / (now - start)
-        if percent < self.percent:
+        if percent < threshold:
             return None
         proc.busy_ns += (now - start) if proc.busy_ns == 0 else (now - last)
-        if not due(proc.busy_ns, self.window_ns, proc.reported_ns):
+        if not due(proc.busy_ns, window_ns, proc.reported_ns):
             return None
         proc.reported_ns = proc.busy_ns
         o = proc.origin
@@ -184,4 +197,5 @@ class CpuSaturationDetector:
             "cpu_saturation", ts_ns=now, cgroup_id=o.cgroup_id, pid=proc.pid, tid=proc.pid, ppid=proc.ppid,
             uid=o.uid, sandbox_id=o.sandbox_id, step_id=o.step_id, comm=o.comm,
             proc=o.proc if o.pid == proc.pid else None,
-            percent=round(percent, 1), seconds=round(proc.busy_ns / NS, 1), peers=list(proc.peers))
+            percent=round(percent, 1), seconds=round(proc.busy_ns / NS, 1), peers=list(proc.peers),
+            policy=o.sandbox_id in self._policies)
