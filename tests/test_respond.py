@@ -18,6 +18,7 @@ from netlab import TestNet, assert_no_route_out
 
 from corral import Monitor, Sandbox
 from corral.respond.actions import descendants
+from corral.sandbox import cgroups
 from corral.sandbox.runner import SandboxFrozen
 
 RULES = Path(__file__).parent / "rules" / "respond.yaml"
@@ -134,6 +135,23 @@ def test_kill_takes_the_process_kill_tree_its_descendants(monitor: Monitor) -> N
     (kill_tree,) = [a for a in sb.alerts if a.rule == "Test kill_tree marker"]
     assert (kill.action_taken, kill.action_result) == ("kill", "killed")
     assert (kill_tree.action_taken, kill_tree.action_result) == ("kill_tree", "killed 3 processes")
+
+
+def test_kill_tree_kills_when_the_sandbox_will_not_freeze(monitor: Monitor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault: a sandbox the kernel cannot freeze (a process in uninterruptible sleep), stood in
+    for by a freezer that never reports done.  kill_tree still kills the tree, says it did so
+    without freezing first, and leaves the sandbox running, not half frozen."""
+    monkeypatch.setattr(cgroups, "_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(cgroups, "_v1_state", lambda cgroup: "FREEZING")
+    monkeypatch.setattr(cgroups, "_v2_frozen", lambda cgroup: False)
+    with Sandbox(monitor=monitor, rules=[RULES]) as sb:
+        tree = sb.exec(_forks_then_connects(sb, "corral-test-tree"))
+        sb.flush_events()
+        left = sb.exec(["pgrep", "-c", "-f", "corral-test-tree"], timeout=20)
+    assert tree.exit_code == 137 and left.stdout.strip() == "0"
+    (kill_tree,) = [a for a in sb.alerts if a.rule == "Test kill_tree marker"]
+    assert kill_tree.action_result.startswith("killed 3 processes, without freezing first (")
+    assert "(undone: thawed)" in kill_tree.action_result
 
 
 def test_descendants_follows_parent_links() -> None:

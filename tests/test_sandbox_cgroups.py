@@ -289,6 +289,28 @@ def test_a_freeze_meeting_a_thaw_is_not_an_error(make: MakeSandbox, spawn: Spawn
     assert not sb.frozen
 
 
+def test_a_freeze_that_cannot_finish_is_undone(make: MakeSandbox, spawn: Spawn, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault: a process the kernel cannot freeze (in uninterruptible sleep on a hung file
+    system), stood in for by a freezer that never reports done.  The freeze fails naming what it
+    waited for, and is undone: the sandbox runs on rather than staying half frozen."""
+    sb = make()
+    out = tmp_path / "count"
+    out.touch()
+    counter = spawn(sb.new_step(1), COUNTER, str(out))
+    assert wait_until(lambda: out.stat().st_size > 0)
+    monkeypatch.setattr(cgroups, "_TIMEOUT_S", 0.3)
+    with monkeypatch.context() as m:
+        m.setattr(cgroups, "_v1_state", lambda cgroup: "FREEZING")
+        m.setattr(cgroups, "_v2_frozen", lambda cgroup: False)
+        with pytest.raises(CorralError, match=r"did not freeze within 0.3 s.*\(undone: thawed\); not frozen: "):
+            sb.freeze()
+    assert not sb.frozen
+    size = out.stat().st_size
+    assert wait_until(lambda: out.stat().st_size > size), "the sandbox stayed frozen"
+    assert counter.poll() is None
+
+
 @pytest.mark.parametrize("how", ["cgroup.kill", "freeze-and-kill-each"])
 def test_kill_all_empties_the_sandbox(make: MakeSandbox, spawn: Spawn, how: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from corral.detect.engine import Alert
+from corral.errors import CorralError
 from corral.sandbox.cgroups import SandboxCgroup
 
 ACTIONS = ("alert", "kill", "kill_tree", "freeze", "cut_network", "stop")
@@ -66,8 +67,13 @@ def _kill_tree(alert: Alert, target: Target) -> str:
     pid = alert.pid
     if not pid:
         return "no process to kill"
-    # Frozen, nothing in the sandbox can fork while its tree is read and killed.
-    target.cgroup.freeze()
+    # Frozen, nothing in the sandbox can fork while its tree is read and killed.  A freeze that
+    # could not finish (it is undone) still leaves the tree to kill as it is, forks racing.
+    try:
+        target.cgroup.freeze()
+    except CorralError as e:
+        killed = _signal_all([pid, *descendants(pid, target.cgroup.pids())], target.cgroup)
+        return f"killed {killed} process{'es' if killed != 1 else ''}, without freezing first ({e})"
     try:
         tree = descendants(pid, target.cgroup.pids())
         killed = _signal_all([pid, *tree], target.cgroup)

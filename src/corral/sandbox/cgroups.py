@@ -211,8 +211,35 @@ def _rmdir(cgroup: Path) -> None:
 # ---------------------------------------------------------------------------- freezers
 
 
-_FREEZE_HINT = ("a process in uninterruptible sleep (e.g. on a hung network filesystem) can block it; "
-                "see `grep State /proc/*/status` for its processes")
+def _not_frozen(cgroup: Path) -> str:
+    """The processes under a freezing cgroup that are not frozen yet, with where they wait: what
+    a freeze that timed out was waiting for."""
+    found = []
+    for pid in sorted({pid for cg in _subtree(cgroup) for pid in _procs(cg)}):
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "running"
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if wchan not in ("__refrigerator", "do_freezer_trap"):  # where v1's and v2's freezers park them
+            found.append(f"{pid} ({name}) at {wchan}")
+    return ", ".join(found) or "none left"
+
+
+def _set_freezer(cgroup: Path, frozen: bool, write: Callable[[bool], None], reached: Callable[[bool], bool]) -> None:
+    """Freeze or thaw, and wait until the kernel says it is done.  A freeze that does not finish
+    is undone before the error: a half-frozen sandbox would hold whatever it had frozen, and its
+    killed processes (a frozen process acts on SIGKILL only once thawed), with nobody to thaw it."""
+    write(frozen)
+    try:
+        _wait_for(lambda: reached(frozen), "freeze" if frozen else "thaw", cgroup,
+                  "a process in uninterruptible sleep (e.g. on a hung network filesystem) can block it")
+    except CorralError as e:
+        waiting = _not_frozen(cgroup)
+        if frozen:
+            write(False)
+            raise CorralError(f"{e} (undone: thawed); not frozen: {waiting}") from None
+        raise CorralError(f"{e}; not thawed: {waiting}") from None
 
 
 def _v2_frozen(cgroup: Path) -> bool:
@@ -223,23 +250,26 @@ def _v2_frozen(cgroup: Path) -> bool:
 
 
 def _freeze_v2(cgroup: Path, frozen: bool) -> None:
-    _write(cgroup / "cgroup.freeze", "1" if frozen else "0")
-    _wait_for(lambda: _v2_frozen(cgroup) == frozen, "freeze" if frozen else "thaw", cgroup, _FREEZE_HINT)
+    _set_freezer(cgroup, frozen, lambda f: _write(cgroup / "cgroup.freeze", "1" if f else "0"),
+                 lambda f: _v2_frozen(cgroup) == f)
+
+
+def _v1_state(cgroup: Path) -> str:
+    """THAWED, FREEZING (some process is not frozen yet) or FROZEN."""
+    try:
+        return (cgroup / "freezer.state").read_text().strip()
+    except FileNotFoundError:
+        return "THAWED"
 
 
 def _v1_frozen(cgroup: Path) -> bool:
-    try:
-        return (cgroup / "freezer.state").read_text().strip() == "FROZEN"
-    except FileNotFoundError:
-        return False
+    return _v1_state(cgroup) == "FROZEN"
 
 
 def _freeze_v1(cgroup: Path, frozen: bool) -> None:
-    # While freezing, the state reads FREEZING: wait for FROZEN, or for THAWED when thawing.
-    state = "FROZEN" if frozen else "THAWED"
-    _write(cgroup / "freezer.state", state)
-    _wait_for(lambda: (cgroup / "freezer.state").read_text().strip() == state,
-              "freeze" if frozen else "thaw", cgroup, _FREEZE_HINT)
+    # Thawing waits for THAWED, not merely "not FROZEN": FREEZING is neither.
+    _set_freezer(cgroup, frozen, lambda f: _write(cgroup / "freezer.state", "FROZEN" if f else "THAWED"),
+                 lambda f: _v1_state(cgroup) == ("FROZEN" if f else "THAWED"))
 
 
 # ---------------------------------------------------------------------------- cgroups
