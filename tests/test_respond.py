@@ -5,6 +5,7 @@ Test hosts live in the lab (tests/netlab.py): namespaces with no route out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -19,7 +20,7 @@ from netlab import TestNet, assert_no_route_out
 from corral import Monitor, Sandbox
 from corral.respond.actions import descendants
 from corral.sandbox import cgroups
-from corral.sandbox.runner import SandboxFrozen
+from corral.sandbox.runner import RECENT_STEPS, SandboxFrozen
 
 RULES = Path(__file__).parent / "rules" / "respond.yaml"
 SSHD = "198.51.100.10"
@@ -198,6 +199,26 @@ def test_freeze_keeps_the_sandbox_frozen_with_evidence(monitor: Monitor) -> None
     assert any(e["kind"] == "exec" for e in bundle["recent_events"])
     bundle_dir = Path(alert.action_result.split("evidence in ")[1]).parent
     shutil.rmtree(bundle_dir.parent, ignore_errors=True)  # evidence/<sandbox>/<alert>
+
+
+def test_evidence_keeps_the_steps_active_last(monitor: Monitor) -> None:
+    """An episode of many steps: evidence keeps the last events of the steps that were active
+    last, not of every step; a detached process of step 1 that acts after 70 more steps still has
+    its step's history in the bundle."""
+    with Sandbox(monitor=monitor, rules=[RULES]) as sb:
+        sb.put_file("/workspace/later.sh", "while [ ! -e /workspace/go ]; do sleep 0.05; done\n"
+                                           "exec sh -c true corral-test-freeze\n")
+        sb.exec("sh /workspace/later.sh >/dev/null 2>&1 &")
+        for _ in range(RECENT_STEPS + 6):
+            sb.exec("true")
+        assert len(sb._recent) <= RECENT_STEPS  # (private: the bound itself is what is tested)
+        with contextlib.suppress(SandboxFrozen):
+            sb.exec("touch /workspace/go; sleep 5")
+        sb.flush_events()
+        (alert,) = [a for a in sb.alerts if a.rule == "Test freeze marker"]
+        bundle = json.loads(Path(alert.action_result.split("evidence in ")[1]).read_text())
+    assert alert.step == 1
+    assert any(e["kind"] == "exec" and e.get("argv") == ["sh", "/workspace/later.sh"] for e in bundle["recent_events"])
 
 
 def test_observe_mode_records_what_it_would_do(monitor: Monitor) -> None:

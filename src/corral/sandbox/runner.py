@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +63,11 @@ DNS_LISTEN = "127.0.0.53"  # inside the sandbox's network namespace
 EVENTS_KEPT = 200_000
 #: Under /workspace: where a repository's code runs on the next git command or import.
 WORKSPACE_ENTRIES = (".git/hooks/", ".git/config", "sitecustomize.py", "usercustomize.py")
+#: Evidence keeps each step's last RECENT_PER_STEP events, for the RECENT_STEPS steps that were
+#: active last (an old step's detached process acting again makes its step recent again): an
+#: episode of thousands of steps must not hold every step's events.
 RECENT_PER_STEP = 500
+RECENT_STEPS = 64
 _HOLDER_START_TIMEOUT_S = 10.0
 
 
@@ -157,7 +161,7 @@ class Sandbox:
         #: the sandbox's events, oldest dropped past EVENTS_KEPT (all are in --events)
         self.events: deque[ev.Event] = deque(maxlen=EVENTS_KEPT)
         self.alerts: list[Alert] = []
-        self._recent: dict[int, deque[ev.Event]] = {}  # step -> its last events, for evidence
+        self._recent: OrderedDict[int, deque[ev.Event]] = OrderedDict()  # step -> its last events, for evidence
         self.frozen = False
         self.questions: list[Question] = []
         self._alerts_path = Path(alerts_path) if alerts_path else None
@@ -449,6 +453,10 @@ class Sandbox:
         recent = self._recent.get(event.step_id)
         if recent is None:
             recent = self._recent[event.step_id] = deque(maxlen=RECENT_PER_STEP)
+            if len(self._recent) > RECENT_STEPS:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(event.step_id)
         recent.append(event)
         if self._recorder is not None:
             self._recorder.event(self.name, event)
