@@ -259,6 +259,7 @@ def test_markdown_report_tells_the_episode_in_order(recorded: Recorded) -> None:
               "Canary credential opened", "would cut_network", "#### Step 3", f"### Sandbox `{recorded.frozen}`",
               "frozen by a rule", "Test freeze marker", "#### Evidence", "## What was done")
     assert "exit 0 after" in md  # steps 1 and 2 ended normally
+    assert "frozen by a rule, then killed (exit 137 after" in md  # the frozen step, killed when its sandbox closed
     evidence = md[md.index("#### Evidence"):md.index("## What was done")]
     assert "bundle.json" in evidence and "corral-test-freeze" in evidence
     done = md[md.index("## What was done"):]

@@ -21,6 +21,7 @@ from corral import Monitor, Sandbox
 from corral.respond.actions import descendants
 from corral.sandbox import cgroups
 from corral.sandbox.runner import RECENT_STEPS, SandboxFrozen
+from corral.store import Recorder, open_store
 
 RULES = Path(__file__).parent / "rules" / "respond.yaml"
 SSHD = "198.51.100.10"
@@ -199,6 +200,29 @@ def test_freeze_keeps_the_sandbox_frozen_with_evidence(monitor: Monitor) -> None
     assert any(e["kind"] == "exec" for e in bundle["recent_events"])
     bundle_dir = Path(alert.action_result.split("evidence in ")[1]).parent
     shutil.rmtree(bundle_dir.parent, ignore_errors=True)  # evidence/<sandbox>/<alert>
+
+
+@pytest.mark.parametrize("then", ["released", "closed"])
+def test_a_frozen_steps_end_is_recorded(monitor: Monitor, tmp_path: Path, then: str) -> None:
+    """exec() returns as soon as a freeze stops the step; the step itself ends later, when it is
+    released and finishes, or when close() kills it, and the store records that end."""
+    recorder = Recorder(open_store(tmp_path))
+    try:
+        with Sandbox(monitor=monitor, rules=[RULES], recorder=recorder) as sb:
+            with pytest.raises(SandboxFrozen):
+                sb.exec(["sh", "-c", "sleep 0.3; exit 3", "corral-test-freeze"])
+            if then == "released":
+                sb.release()
+                deadline = time.monotonic() + 10  # the step's own 0.3 s, once thawed
+                while not recorder.flush() or recorder.store.steps(sb.name)[0]["ended_ns"] is None:
+                    assert time.monotonic() < deadline, "the released step's end was never recorded"
+                    time.sleep(0.05)
+        recorder.flush()
+        (step,) = recorder.store.steps(sb.name)
+    finally:
+        recorder.close()
+    assert (step["step"], step["exit_code"]) == (1, 3 if then == "released" else 137)
+    assert step["ended_ns"] >= step["started_ns"]
 
 
 def test_evidence_keeps_the_steps_active_last(monitor: Monitor) -> None:

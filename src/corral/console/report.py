@@ -590,10 +590,15 @@ def _action(taken: str, result: str) -> str:
 
 
 def _step_outcome(step: dict[str, Any], sb: dict[str, Any]) -> str:
+    frozen = any(a["action_taken"] == "freeze" for a in step["alerts"])
     if step["exit_code"] is not None:
-        return f"exit {step['exit_code']} after {human_duration(step['duration_s'])}"
-    if any(a["action_taken"] == "freeze" for a in step["alerts"]):
-        return "frozen by a rule, no exit status"
+        ended = f"exit {step['exit_code']} after {human_duration(step['duration_s'])}"
+        if not frozen:
+            return ended
+        return f"frozen by a rule, then killed ({ended})" if step["exit_code"] == 137 else \
+            f"frozen by a rule, released, then {ended}"
+    if frozen:
+        return "frozen by a rule, no exit status yet"
     return "still running" if sb["state"] in ("running", "frozen") else "no exit status recorded"
 
 

@@ -163,6 +163,7 @@ class Sandbox:
         self.alerts: list[Alert] = []
         self._recent: OrderedDict[int, deque[ev.Event]] = OrderedDict()  # step -> its last events, for evidence
         self.frozen = False
+        self._unfinished: list[threading.Thread] = []  # collectors of steps exec() gave up on (frozen)
         self.questions: list[Question] = []
         self._alerts_path = Path(alerts_path) if alerts_path else None
         self._rule_paths = tuple(Path(r) for r in rules)
@@ -320,6 +321,8 @@ class Sandbox:
             # Kill first and let the exit events arrive while the steps are still watched.
             with contextlib.suppress(Exception):
                 self.cgroup.kill_all()
+            for collector in self._unfinished:  # frozen steps, now killed: their ends are recorded
+                collector.join(timeout=5)
             with contextlib.suppress(Exception):
                 self.pipeline.flush()
             if hasattr(self, "guard"):
@@ -385,26 +388,34 @@ class Sandbox:
         # may have frozen the sandbox) or the timeout: a poll loop here, in every sandbox running
         # a step, would take the GIL from the pipeline thread thousands of times a second.
         ended: list[tuple[str | None, str | None] | BaseException] = []
+        left: list[bool] = []  # exec returned (frozen) before the step ended: its collector records the end
 
         def collect() -> None:
             try:
-                ended.append(proc.communicate(input=input))
+                result: tuple[str | None, str | None] | BaseException = proc.communicate(input=input)
             except BaseException as e:  # (raised by exec, in the step's own thread)
-                ended.append(e)
+                result = e
             with self._step_wake:
+                ended.append(result)
                 self._step_wake.notify_all()
+                late = bool(left)
+            if late:  # after a release, or when close() killed it
+                self._step_ended(number, proc)
 
-        threading.Thread(target=collect, name=f"corral-{self.name}-step-{number}", daemon=True).start()
+        collector = threading.Thread(target=collect, name=f"corral-{self.name}-step-{number}", daemon=True)
+        collector.start()
         try:
             while True:
                 with self._step_wake:
                     if not ended and not self.frozen:
                         self._step_wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    if not ended and self.frozen:
+                        left.append(True)
+                        self._unfinished.append(collector)
+                        raise SandboxFrozen(f"sandbox {self.name} was frozen during step {number} by a rule's "
+                                            "action; its evidence is taken: release() or close() it")
                 if ended:
                     break
-                if self.frozen:
-                    raise SandboxFrozen(f"sandbox {self.name} was frozen during step {number} by a rule's "
-                                        "action; its evidence is taken: release() or close() it")
                 if deadline is not None and time.monotonic() >= deadline:
                     for pid in step_cg.pids():
                         with contextlib.suppress(ProcessLookupError):
@@ -418,11 +429,15 @@ class Sandbox:
         except BaseException:
             _end(proc)
             raise
+        code = self._step_ended(number, proc)
+        return Result(code, out or "", err or "", number)
+
+    def _step_ended(self, number: int, proc: subprocess.Popen[str]) -> int:
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         self.pipeline.step_ended(self.id, number)
         if self._recorder is not None:
             self._recorder.step_ended(self.name, number, code)
-        return Result(code, out or "", err or "", number)
+        return code
 
     def put_file(self, path: str, text: str, mode: int = 0o644) -> None:
         """Write a file into the sandbox from the host, as an agent's file tool would: `path` as
