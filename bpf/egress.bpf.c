@@ -19,20 +19,12 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "egress.h"
+#include "sandbox_of.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define ALLOW 1
 #define DENY 0               /* the caller's connect()/sendmsg() gets EPERM */
-#define MAX_CGROUP_LEVEL 16  /* deepest ancestor looked at for a sandbox */
-
-/* cgroup v2 id -> sandbox id: a sandbox's own cgroup and its step cgroups. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, __u32);
-} sandbox_of SEC(".maps");
 
 /* sandbox id -> enum egress_mode.  Cutting a sandbox off is one update. */
 struct {
@@ -87,37 +79,6 @@ struct {
 struct egress_key4 *btf_egress_key4 __attribute__((unused));
 struct egress_key6 *btf_egress_key6 __attribute__((unused));
 struct egress_counters *btf_egress_counters __attribute__((unused));
-
-/*
- * The sandbox of the current task (skb == NULL) or of the socket that owns
- * skb, or NULL.  Its own cgroup is the common case; otherwise the nearest
- * bound ancestor, so that a process which moves itself into a child cgroup it
- * made cannot leave the sandbox's policy.  A socket belongs to the cgroup of
- * the task that made it.  (Always inlined with a constant skb: each program
- * keeps only the helpers of its own kind.)
- */
-static __always_inline const __u32 *find_sandbox(struct __sk_buff *skb)
-{
-	__u64 id = skb ? bpf_skb_cgroup_id(skb) : bpf_get_current_cgroup_id();
-	const __u32 *sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
-
-	if (sandbox)
-		return sandbox;
-	for (int level = MAX_CGROUP_LEVEL; level > 0; level--) {
-		id = skb ? bpf_skb_ancestor_cgroup_id(skb, level) : bpf_get_current_ancestor_cgroup_id(level);
-		if (!id)  /* deeper than the cgroup itself */
-			continue;
-		sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
-		if (sandbox)
-			return sandbox;
-	}
-	return NULL;
-}
-
-static __always_inline const __u32 *current_sandbox(void)
-{
-	return find_sandbox(NULL);
-}
 
 /* Is (addr, port) in the trie for this sandbox, with this port or any port? */
 static __always_inline bool match4(void *trie, __u32 sandbox, __u16 port, __u32 addr)

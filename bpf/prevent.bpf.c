@@ -26,25 +26,17 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include "prevent.h"
+#include "sandbox_of.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define SIGKILL 9
 #define AT_FDCWD -100
 #define AT_EMPTY_PATH 0x1000
-#define MAX_CGROUP_LEVEL 16  /* deepest ancestor looked at for a sandbox */
 #define MAX_PATH_DEPTH 32    /* directories walked to name a cwd or dirfd */
 #define MAX_ARGS 64          /* argv entries read (up to PREVENT_ARGV_LEN bytes) */
 #define PATH_LEN PREVENT_PATH_LEN
 #define ARGV_LEN PREVENT_ARGV_LEN
-
-/* cgroup v2 id -> sandbox id: a sandbox's own cgroup and its step cgroups. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, __u32);
-} sandbox_of SEC(".maps");
 
 /* sandbox id -> mode and argv patterns.  Not preallocated: an update then
  * swaps in a new element under RCU, so a reader never sees half of one. */
@@ -122,112 +114,9 @@ static __always_inline __u64 wakeup_flags(__u64 pending, __u64 size)
 									  : BPF_RB_NO_WAKEUP;
 }
 
-/*
- * The sandbox the current task belongs to, or NULL: its own cgroup, else the
- * nearest bound ancestor, so that a process which moves itself into a child
- * cgroup it made stays in its sandbox.  Copied from egress.bpf.c (each object
- * has its own sandbox_of map, filled by its own guard).
- */
-static __always_inline const __u32 *current_sandbox(void)
-{
-	__u64 id = bpf_get_current_cgroup_id();
-	const __u32 *sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
+/* ---- naming a directory ---------------------------------------------------- */
 
-	if (sandbox)
-		return sandbox;
-	for (int level = MAX_CGROUP_LEVEL; level > 0; level--) {
-		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (!id)  /* deeper than the task's own cgroup */
-			continue;
-		sandbox = bpf_map_lookup_elem(&sandbox_of, &id);
-		if (sandbox)
-			return sandbox;
-	}
-	return NULL;
-}
-
-/* ---- naming a directory: copied from sensor.bpf.c (walk_path) ------------ */
-
-struct walk_ctx {
-	struct scratch *s;
-	struct dentry *dentry;
-	struct vfsmount *vfsmnt;
-	struct mount *mnt;
-	struct mount *mnt_parent;
-	__u32 off;
-	bool last;
-	bool done;  /* reached the root: the path is whole */
-};
-
-/* One step of walk_path: prepend one name, or cross one mount point. */
-static long walk_step(__u32 i, struct walk_ctx *c)
-{
-	/* locals, not c->...: BPF_CORE_READ would relocate walk_ctx fields too */
-	struct dentry *dentry = c->dentry;
-	struct vfsmount *vfsmnt = c->vfsmnt;
-	struct mount *mnt = c->mnt;
-	struct dentry *mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
-	struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
-	struct qstr name;
-	__u32 len, off;
-
-	if (dentry == mnt_root && mnt == c->mnt_parent) {
-		c->done = true;  /* the root of the task's mount namespace */
-		return 1;
-	}
-	if (dentry == parent && dentry != mnt_root)
-		return 1;  /* an unreachable (disconnected) dentry */
-	if (dentry == mnt_root) {
-		c->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
-		mnt = c->mnt_parent;
-		c->mnt = mnt;
-		c->mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
-		c->vfsmnt = &mnt->mnt;
-		return 0;
-	}
-	name = BPF_CORE_READ(dentry, d_name);
-	len = (name.len + 1) & (PATH_LEN - 1); /* the name and its '/' */
-	off = c->off;
-	if (len == 0 || len + 1 > off)
-		return 1; /* too deep for the buffer */
-	off -= len;
-	/* writes the name and a NUL; the NUL becomes the '/' after it */
-	if (bpf_probe_read_kernel_str(&c->s->buf[off & (PATH_LEN - 1)], len, name.name) < 0)
-		return 1;
-	if (!c->last)
-		c->s->buf[(off + len - 1) & (2 * PATH_LEN - 1)] = '/';
-	c->last = false;
-	c->off = off;
-	c->dentry = parent;
-	return 0;
-}
-
-/*
- * Write the path of `path` into s->buf so that it ends at s->buf[PATH_LEN - 1]
- * (its NUL, or the '/' of "/"); return where it starts, or -1 when the walk
- * did not reach the root (a tail of the path would match the wrong prefixes).
- */
-static __always_inline int walk_path(struct scratch *s, const struct path *path)
-{
-	struct walk_ctx c = {
-		.s = s,
-		.dentry = BPF_CORE_READ(path, dentry),
-		.vfsmnt = BPF_CORE_READ(path, mnt),
-		.off = PATH_LEN,
-		.last = true,
-	};
-	struct mount *mnt = container_of(c.vfsmnt, struct mount, mnt);
-
-	c.mnt = mnt;
-	c.mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
-	s->buf[PATH_LEN] = 0;
-	bpf_loop(MAX_PATH_DEPTH, walk_step, &c, 0);
-	if (!c.done)
-		return -1;
-	c.off = (c.off - 1) & (PATH_LEN - 1);
-	s->buf[c.off] = '/';
-	return c.off;
-}
+#include "walk_path.h"  /* here: it needs struct scratch */
 
 static __always_inline struct file *task_fd_file(struct task_struct *task, long fd)
 {
@@ -254,7 +143,8 @@ static __always_inline long resolve(struct scratch *s, long dfd, long flags)
 	const char *name = s->filename;
 	struct path dir;
 	__u32 skip = 0;
-	int off;
+	bool whole;
+	__u32 off;
 
 	if (name[0] == '/')
 		return bpf_probe_read_kernel_str(s->path, PATH_LEN, name);
@@ -274,9 +164,9 @@ static __always_inline long resolve(struct scratch *s, long dfd, long flags)
 			return 0;
 		dir = BPF_CORE_READ(f, f_path);
 	}
-	off = walk_path(s, &dir);
-	if (off < 0)
-		return 0;
+	off = walk_path(s, &dir, &whole);
+	if (!whole)
+		return 0;  /* a tail of the path would match the wrong prefixes */
 	if (name[0]) {
 		/* the directory ends at buf[PATH_LEN - 1] (its NUL, or the '/' of "/") */
 		s->buf[PATH_LEN - 1] = '/';
