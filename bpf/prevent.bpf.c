@@ -99,20 +99,9 @@ struct deny_name_key *btf_deny_name_key __attribute__((unused));
 struct deny_path_key *btf_deny_path_key __attribute__((unused));
 struct denied_exec *btf_denied_exec __attribute__((unused));
 
-/*
- * Wake the reader once per WAKEUP_BYTES of records, as sensor.bpf.c does
- * (a wake-up costs the submitting syscall microseconds); the reader polls
- * meanwhile (ExecGuard.read).  Denied execs are rare, so the batch is small.
- */
+/* The reader polls meanwhile (ExecGuard.read); denied execs are rare, so the batch is small. */
 #define WAKEUP_BYTES (64 * 1024)
-
-static __always_inline __u64 wakeup_flags(__u64 pending, __u64 size)
-{
-	if (pending < size)
-		return BPF_RB_NO_WAKEUP;
-	return pending / WAKEUP_BYTES != (pending - size) / WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
-									  : BPF_RB_NO_WAKEUP;
-}
+#include "wakeup.h"
 
 /* ---- naming a directory ---------------------------------------------------- */
 

@@ -41,25 +41,12 @@ struct {
 } events SEC(".maps");
 
 /*
- * Wake the reader once per WAKEUP_BYTES of records, not once per record.
- * A wake-up (irq_work) costs microseconds inside the syscall that submits the
- * record, and the default (flags 0) does it for every record while the reader
- * keeps up, which a good reader always does: that alone made watched processes
- * ~80% slower.  The reader therefore also wakes on its own every few ms
- * (Sensor.read polls in short slices), which bounds the latency, or, once the
- * ring has been quiet a while, asks to be woken by the next record
- * (reader_asleep below).
+ * The sensor's reader also wakes on its own every few ms (Sensor.read polls in
+ * short slices), or, once the ring has been quiet a while, asks to be woken by
+ * the next record (reader_asleep below).
  */
 #define WAKEUP_BYTES (256 * 1024)
-
-/* `pending` bytes are in the ring including this record, which is `size` long. */
-static __always_inline __u64 wakeup_flags(__u64 pending, __u64 size)
-{
-	if (pending < size)
-		return BPF_RB_NO_WAKEUP;
-	return pending / WAKEUP_BYTES != (pending - size) / WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
-									  : BPF_RB_NO_WAKEUP;
-}
+#include "wakeup.h"
 
 /*
  * Set by a reader that has stopped polling (after some quiet, see Sensor.read):
