@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -228,11 +229,14 @@ def test_ps_shows_a_sandbox_whose_owner_died_as_lost(tmp_path: Path) -> None:
         for name, owner in (("sb-orphan", dead.pid), ("sb-owned", 1)):
             store.put_sandbox(name, episode=None, policy="default", mode="enforce", created_ns=now, limits={},
                               owner_pid=owner)
+        # made ten days ago by a pid that this test process has now: a newer process, not its owner
+        store.put_sandbox("sb-reused", episode=None, policy="default", mode="enforce", created_ns=now - 864 * 10**12,
+                          limits={}, owner_pid=os.getpid())
         store.put_sandbox("sb-old", episode=None, policy="default", mode="enforce", created_ns=now - 10**13,
                           limits={}, owner_pid=dead.pid)
         store.set_state("sb-old", "stopped", now - 9 * 10**12)  # hours ago
     states = {line.split()[0]: line.split()[2] for line in corral("ps", "--data", str(tmp_path)).splitlines()[1:]}
-    assert states == {"sb-orphan": "lost", "sb-owned": "running"}  # sb-old stopped too long ago for plain ps
+    assert states == {"sb-orphan": "lost", "sb-owned": "running", "sb-reused": "lost"}  # sb-old: too long ago
     rows = {r["name"]: r for r in json.loads(corral("ps", "--all", "--json", "--data", str(tmp_path)))}
     assert rows["sb-orphan"]["state"] == "lost" and rows["sb-orphan"]["recorded_state"] == "running"
     assert rows["sb-old"]["state"] == "stopped"

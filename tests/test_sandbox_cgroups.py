@@ -363,6 +363,25 @@ def test_reap_stale_removes_only_sandboxes_of_dead_owners(make: MakeSandbox, spa
     assert all(d.is_dir() for d in all_dirs(live))
 
 
+def test_reap_stale_sees_through_a_reused_owner_pid(make: MakeSandbox) -> None:
+    """pids wrap around on a busy host: a sandbox whose owner died is stale even when a newer
+    process now has the owner's pid number.  Stood in for by a sandbox whose directories are
+    backdated to before that process started; one made after it started is left alone."""
+    newer = subprocess.Popen(["sleep", "30"])
+    try:
+        stale = make(name=f"sb-{newer.pid}-reused")
+        kept = make(name=f"sb-{newer.pid}-current")
+        hour_ago = time.time_ns() - 3600 * 10**9
+        for d in all_dirs(stale):
+            os.utime(d, ns=(hour_ago, hour_ago))
+        reaped = reap_stale()
+        assert stale.name in reaped and kept.name not in reaped
+        assert not any(d.exists() for d in all_dirs(stale)) and all(d.is_dir() for d in all_dirs(kept))
+    finally:
+        newer.kill()
+        newer.wait()
+
+
 def test_v2_only_layout(make: MakeSandbox, spawn: Spawn, tmp_path: Path,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The pure-v2 code, run for real: with the v1 mounts hidden, everything lives on the v2

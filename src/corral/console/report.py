@@ -27,7 +27,7 @@ from corral.console.tree import process_tree
 from corral.detect.engine import SEVERITIES
 from corral.detect.risk import risk
 from corral.errors import CorralError
-from corral.sensor.host import pid_alive
+from corral.sensor.host import owner_alive
 from corral.store.base import Store
 
 #: Processes listed per step; a step that ran a whole build would drown the alerts.
@@ -107,7 +107,7 @@ def sandbox_state(record: dict[str, Any]) -> str:
     (the process that ran it died without closing it; its leftovers are reaped by the next run)."""
     state: str = record["state"]
     owner = record.get("owner_pid")
-    if state != "stopped" and owner and not pid_alive(int(owner)):
+    if state != "stopped" and owner and not owner_alive(int(owner), int(record["created_ns"])):
         return "lost"
     return state
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from corral.errors import CorralError
 from corral.sensor.cgroups import CORRAL, cgroup_id, hold_corral_cgroup, reap_stale_holders, remove_if_empty
-from corral.sensor.host import cgroup2_root, pid_alive
+from corral.sensor.host import cgroup2_root, left_by_dead_owner
 
 _BASE = CORRAL
 _V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
@@ -586,7 +586,7 @@ def reap_stale() -> list[str]:
     reaped = []
     for name in sorted(names):
         m = _STALE_NAME.fullmatch(name)
-        if m and not pid_alive(int(m[1])):
+        if m and any(left_by_dead_owner(base / name, int(m[1])) for base in bases if (base / name).exists()):
             SandboxCgroup._existing(name).destroy()
             reaped.append(name)
     reap_stale_holders()

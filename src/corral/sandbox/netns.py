@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from corral.errors import CorralError, HostError
-from corral.sensor.host import pid_alive
+from corral.sensor.host import left_by_dead_owner
 
 PREFIX = "corral-"
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
@@ -215,7 +215,7 @@ class NetNamespace:
         with _netns_lock():
             for name in netns_names():
                 m = _STALE_RE.fullmatch(name)
-                if m and not pid_alive(int(m.group(1))):
+                if m and left_by_dead_owner(NETNS_RUN / name, int(m.group(1))):
                     _remove(name)
                     reaped.append(name)
         return reaped

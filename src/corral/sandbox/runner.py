@@ -55,7 +55,7 @@ from corral.sandbox.dns import Question, Resolver, resolv_conf_text, system_upst
 from corral.sandbox.egress import EgressGuard, Mode, Rule
 from corral.sandbox.netns import ExistingNetns, NetNamespace
 from corral.sandbox.policy import Policy, load_policy
-from corral.sensor.host import pid_alive
+from corral.sensor.host import left_by_dead_owner
 from corral.store import Recorder
 
 STATE_DIR = Path(os.environ.get("CORRAL_STATE_DIR", "/var/lib/corral"))
@@ -129,7 +129,8 @@ def reap_stale() -> list[str]:
     if base.is_dir():
         for entry in base.iterdir():
             owner = entry.name.split("-")
-            if len(owner) >= 2 and owner[0] == "sb" and owner[1].isdigit() and not pid_alive(int(owner[1])):
+            if (len(owner) >= 2 and owner[0] == "sb" and owner[1].isdigit()
+                    and left_by_dead_owner(entry, int(owner[1]))):
                 shutil.rmtree(entry, ignore_errors=True)
                 reaped.append(str(entry))
     return reaped

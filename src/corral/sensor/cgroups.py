@@ -9,7 +9,7 @@ from collections.abc import Set
 from pathlib import Path
 
 from corral.errors import CorralError, HostError
-from corral.sensor.host import cgroup2_root, pid_alive
+from corral.sensor.host import cgroup2_root, left_by_dead_owner
 from corral.sensor.libbpf import BpfObject, Link
 
 
@@ -103,7 +103,7 @@ def reap_stale_holders() -> None:
     with contextlib.suppress(FileNotFoundError):
         for entry in corral_cgroup().glob("holder-*"):
             pid = entry.name.removeprefix("holder-")
-            if pid.isdigit() and not pid_alive(int(pid)):
+            if pid.isdigit() and left_by_dead_owner(entry, int(pid)):
                 remove_if_empty(entry)
 
 

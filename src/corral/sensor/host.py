@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from corral.errors import HostError
@@ -88,6 +89,38 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists; it is just not ours to signal
     return True
+
+
+#: a process's start time is known to a clock tick (and boot time from two clock reads)
+_START_SLACK_NS = 2 * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def owner_alive(pid: int, made_ns: int) -> bool:
+    """Whether the process that made something at `made_ns` (wall clock) is still alive: a process
+    with this pid exists, and it had started by then.  A later process given the same pid number
+    (pids wrap around on a busy host) is not the owner, so what the dead owner left is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return pid_alive(pid)
+    start_ticks = int(raw[raw.rfind(b")") + 2:].split()[19])  # comm may hold spaces and parentheses
+    boot_wall_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    started_ns = boot_wall_ns + start_ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return started_ns <= made_ns + _START_SLACK_NS
+
+
+def left_by_dead_owner(path: Path, pid: int) -> bool:
+    """Whether `path`, made by process `pid`, outlived it: owner_alive() from the path's times (the
+    earlier of its change and modification times, which only grow after it was made).  False
+    when the path is gone: nothing is left to reap."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return not owner_alive(pid, min(st.st_ctime_ns, st.st_mtime_ns))
 
 
 def tracepoint_exists(category: str, name: str) -> bool:
