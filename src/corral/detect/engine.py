@@ -196,15 +196,24 @@ class Engine:
 
     def flush_folds(self, older_than_s: float = 0.0, sandbox_id: int | None = None) -> list[Alert]:
         """Report what was folded: the last folded alert of each (rule, sandbox)
-        whose window is over, carrying the count of the others."""
+        whose window is over, carrying the count of the others.  With `sandbox_id`, that
+        sandbox's alone, and its windows are forgotten (it is gone).  Windows long over with
+        nothing folded are forgotten too: a daemon sees thousands of sandboxes come and go."""
         now = time.monotonic()
         out = []
         for key, fold in list(self._fold.items()):
-            if fold.folded and now - fold.start >= older_than_s and sandbox_id in (None, key[1]):
+            if sandbox_id is not None and key[1] != sandbox_id:
+                continue
+            age = now - fold.start
+            if fold.folded and age >= older_than_s:
                 assert fold.last is not None
-                alert = self._make(fold.last[0], fold.last[1], folded=fold.folded - 1)
-                out.append(alert)
+                out.append(self._make(fold.last[0], fold.last[1], folded=fold.folded - 1))
                 self._fold[key] = _Fold(now, 1)
+            elif not fold.folded and age > FOLD_WINDOW_S:
+                del self._fold[key]  # the next alert opens a window of its own, as if none had been
+        if sandbox_id is not None:
+            for key in [k for k in self._fold if k[1] == sandbox_id]:
+                del self._fold[key]
         return out
 
     def step_ended(self, sandbox_id: int, step: int) -> None:
