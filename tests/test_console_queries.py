@@ -57,12 +57,15 @@ def recorded() -> Iterator[Recorded]:
     try:
         # A monitor of this module's own, so its pipeline loads tests/rules/respond.yaml (the freeze marker).
         with Monitor() as monitor:
-            with Sandbox(monitor=monitor, rules=[RULES], mode="observe", recorder=recorder, episode=episode) as a:
+            # keep_events=0, as the daemon's sandboxes: none kept in memory, all in the store
+            with Sandbox(monitor=monitor, rules=[RULES], mode="observe", recorder=recorder, episode=episode,
+                         keep_events=0) as a:
                 made.append(a.name)
                 a.exec("echo hello > /workspace/notes.txt")
                 a.exec("cat ~/.aws/credentials >/dev/null")
                 a.exec(["sh", "-c", SCRIPT_CMD])
                 a.flush_events()
+                assert not a.events and a.alerts
             with Sandbox(monitor=monitor, rules=[RULES], recorder=recorder, episode=episode) as b:
                 made.append(b.name)
                 with pytest.raises(SandboxFrozen):

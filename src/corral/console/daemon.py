@@ -98,7 +98,7 @@ class Daemon:
                cpus: float | None = None, memory: str | int | None = None, pids: int | None = None) -> dict[str, Any]:
         sandbox = Sandbox(policy, mode=mode, episode=episode, netns=netns, allow=allow, allow_domains=allow_domains,
                           cpus=cpus, memory=memory, pids=pids, rules=self._rules, recorder=self.recorder,
-                          on_alert=self._on_alert)
+                          on_alert=self._on_alert, keep_events=0)  # the store has them all
         sandbox.start()
         with self._lock:
             self._live[sandbox.name] = _Live(sandbox, threading.Lock())

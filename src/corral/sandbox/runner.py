@@ -151,7 +151,8 @@ class Sandbox:
                  episode: str | None = None, dns_upstream: tuple[str, int] | None = None,
                  env: Mapping[str, str] | None = None, host_uid: int = 65534, host_gid: int = 65534,
                  alerts_path: str | Path | None = None, rules: Sequence[str | Path] = (),
-                 on_alert: Callable[[Alert], None] | None = None, recorder: Recorder | None = None) -> None:
+                 on_alert: Callable[[Alert], None] | None = None, recorder: Recorder | None = None,
+                 keep_events: int = EVENTS_KEPT) -> None:
         base = policy if isinstance(policy, Policy) else load_policy(policy)
         memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
         self.policy = base.merged(allow=tuple(allow), allow_domains=tuple(allow_domains), mode=mode, cpus=cpus,
@@ -159,8 +160,9 @@ class Sandbox:
         self.name = cgroups.sandbox_name()
         self.id = secrets.randbelow(2**31 - 2) + 1
         self.episode = episode
-        #: the sandbox's events, oldest dropped past EVENTS_KEPT (all are in --events)
-        self.events: deque[ev.Event] = deque(maxlen=EVENTS_KEPT)
+        #: the sandbox's last `keep_events` events (all of them are in events_path and the recorder's
+        #: store; a daemon keeps none here: hundreds of busy sandboxes would hold gigabytes)
+        self.events: deque[ev.Event] = deque(maxlen=keep_events)
         self.alerts: list[Alert] = []
         self._recent: OrderedDict[int, deque[ev.Event]] = OrderedDict()  # step -> its last events, for evidence
         self.frozen = False
