@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from corral import events as ev
 from corral.monitor import Monitor
+from corral.sandbox.runner import STATE_DIR
 from corral.sensor.cgroups import ScratchCgroup
 
 _counter = itertools.count(1)
@@ -33,6 +35,23 @@ def _data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["CORRAL_DATA"]
     else:
         os.environ["CORRAL_DATA"] = old
+
+
+@pytest.fixture(autouse=True)
+def _no_evidence_left() -> Iterator[None]:
+    """The evidence bundles that a test's freezes wrote (under STATE_DIR/evidence/SANDBOX) are
+    removed after it: nothing of a test run stays on the machine."""
+    before = _evidence_dirs()
+    yield
+    for directory in _evidence_dirs() - before:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _evidence_dirs() -> set[Path]:
+    try:
+        return set((STATE_DIR / "evidence").iterdir())
+    except FileNotFoundError:
+        return set()
 
 
 @pytest.fixture(scope="session")
