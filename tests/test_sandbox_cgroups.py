@@ -8,6 +8,7 @@ when the test fails.  On a hybrid host (v1 controllers + v2 unified) this exerci
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -244,7 +245,15 @@ def test_add_puts_a_running_process_in_every_hierarchy(make: MakeSandbox, spawn:
     assert all(f.read_text().split() == [str(proc.pid)] for f in step.procs_files())
 
 
-def test_freeze_stops_a_process_and_thaw_resumes_it(make: MakeSandbox, spawn: Spawn, tmp_path: Path) -> None:
+@pytest.mark.parametrize("freezer", ["v2", "v1"])
+def test_freeze_stops_a_process_and_thaw_resumes_it(make: MakeSandbox, spawn: Spawn, tmp_path: Path, freezer: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With v2's freezer (used wherever the kernel has cgroup.freeze) and with v1's, the fallback
+    for older kernels, forced here on a host that mounts both."""
+    if freezer == "v1":
+        if "freezer" not in cgroups._v1_mounts():
+            pytest.skip("this host mounts no v1 freezer")
+        monkeypatch.setattr(SandboxCgroup, "_v1_freezer", lambda self: self._v1["freezer"])
     sb = make()
     out = tmp_path / "count"
     out.touch()
@@ -259,6 +268,34 @@ def test_freeze_stops_a_process_and_thaw_resumes_it(make: MakeSandbox, spawn: Sp
     sb.thaw()
     assert not sb.frozen
     assert wait_until(lambda: out.stat().st_size > size)
+
+
+def test_a_shell_pipeline_always_freezes(make: MakeSandbox) -> None:
+    """v1's freezer can miss a shell that enters vfork() just as the freeze starts: its child is
+    frozen before it execs and the shell, parked in vfork, is never frozen, so the freeze never
+    finishes (about one in a hundred freezes of this pipeline, on this host, with v1's freezer).
+    v2's counts a shell parked in vfork as frozen; the sandbox uses it wherever the kernel has it.
+    A stress test: 150 freezes at random moments of a pipeline that forks and vforks."""
+    sb = make()
+    fifo = f"/tmp/corral-test-fifo-{os.getpid()}"
+    script = f"rm -f {fifo}; mkfifo {fifo}; cat {fifo} | sh -i 2>&1 | cat > {fifo}"
+    try:
+        for n in range(1, 151):
+            files = sb.new_step(n).procs_files()
+
+            def enter(files: list[Path] = files) -> None:
+                for f in files:
+                    f.write_text(str(os.getpid()))
+
+            shell = subprocess.Popen(["/bin/sh", "-c", script], preexec_fn=enter, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(random.uniform(0, 0.02))
+            sb.freeze()  # a freeze that does not finish raises (and is undone)
+            sb.thaw()
+            sb.kill_all()
+            shell.wait(timeout=5)
+    finally:
+        Path(fifo).unlink(missing_ok=True)
 
 
 def test_a_freeze_meeting_a_thaw_is_not_an_error(make: MakeSandbox, spawn: Spawn, tmp_path: Path) -> None:
