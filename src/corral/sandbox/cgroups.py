@@ -437,20 +437,18 @@ class SandboxCgroup:
         return None
 
     def freeze(self) -> None:
-        with self._freezer:
-            v1 = self._v1_freezer()
-            if v1 is not None:
-                _freeze_v1(v1, True)
-            else:
-                _freeze_v2(self.path, True)
+        self._set_frozen(True)
 
     def thaw(self) -> None:
+        self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> None:
         with self._freezer:
             v1 = self._v1_freezer()
             if v1 is not None:
-                _freeze_v1(v1, False)
+                _freeze_v1(v1, frozen)
             else:
-                _freeze_v2(self.path, False)
+                _freeze_v2(self.path, frozen)
 
     @property
     def frozen(self) -> bool:
