@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 from conftest import python, run_in_cgroup
 
 from corral import events as ev
+from corral.errors import HostError
 from corral.monitor import Monitor
 from corral.sensor import records
 from corral.sensor.cgroups import ScratchCgroup
-from corral.sensor.libbpf import BpfObject
+from corral.sensor.libbpf import BpfObject, LibbpfError
 from corral.sensor.sensor import Sensor, layout_mismatches, object_path
 
 CORRAL = str(Path(sys.executable).parent / "corral")
@@ -164,3 +166,13 @@ def test_trace_rejects_ambiguous_arguments() -> None:
 def test_run_helper_sees_only_its_own_cgroup(monitor: Monitor) -> None:
     run = run_in_cgroup(monitor, ["/bin/true"])
     assert run.events and all(e.cgroup_id == run.cgroup_id for e in run.events)
+
+
+def test_a_refused_load_says_what_to_do_and_why() -> None:
+    lines = [f"libbpf: line {n}" for n in range(40)]
+    error = LibbpfError("bpf_object__load", errno.EPERM, lines).refused("sensor")
+    first, *rest = str(error).splitlines()
+    assert isinstance(error, HostError)
+    assert first == ("the kernel refused the sensor (bpf_object__load: Operation not permitted); run `make setup` "
+                     "to rebuild it for this kernel. libbpf said:")
+    assert rest == lines[-25:]  # the end of the log, where libbpf says why

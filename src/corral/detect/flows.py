@@ -147,9 +147,7 @@ class FlowSniffer:
             self._ring = RingBuffer(maps["flows"].fd, ring_size)
         except LibbpfError as exc:
             self.close()
-            tail = "\n".join(exc.log[-25:])
-            raise HostError(f"the kernel refused the flow sniffer ({exc}); run `make setup` to rebuild "
-                            f"it for this kernel. libbpf said:\n{tail}") from exc
+            raise exc.refused("flow sniffer") from exc
         except BaseException:
             self.close()
             raise

@@ -44,9 +44,7 @@ class CgroupGuard:
             self._links = attach(self._obj)
         except LibbpfError as exc:
             self.close()
-            tail = "\n".join(exc.log[-25:])
-            raise HostError(f"the kernel refused the {self.WHAT} ({exc}); run `make setup` to rebuild "
-                            f"it for this kernel. libbpf said:\n{tail}") from exc
+            raise exc.refused(self.WHAT) from exc
         except BaseException:
             self.close()
             raise

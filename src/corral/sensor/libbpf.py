@@ -30,6 +30,13 @@ class LibbpfError(RuntimeError):
         detail = os.strerror(err) if err else "failed"
         super().__init__(f"{what}: {detail}")
 
+    def refused(self, what: str) -> HostError:
+        """The error a user gets when the kernel would not load `what` (the sensor, a guard...):
+        what to do, then the end of libbpf's log, which says why."""
+        tail = "\n".join(self.log[-25:])
+        return HostError(f"the kernel refused the {what} ({self}); run `make setup` to rebuild it for this "
+                         f"kernel. libbpf said:\n{tail}")
+
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 

@@ -74,9 +74,7 @@ class Sensor:
             self._load(host_wide, trace_all_opens, ring_size)
         except LibbpfError as exc:
             self._obj.close()
-            tail = "\n".join(exc.log[-25:])
-            raise HostError(f"the kernel refused the sensor ({exc}); run `make setup` to rebuild "
-                            f"it for this kernel. libbpf said:\n{tail}") from exc
+            raise exc.refused("sensor") from exc
         maps = self._obj.maps()
         self._watched = maps["watched"]
         self._prefixes = maps["watched_prefixes"]
