@@ -284,6 +284,16 @@ class Workdir:
         self.remove()
 
 
+def schedstat(tid: int | None) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for a CPU) of a thread of this process, or None."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            on_cpu, waiting, _slices = f.read().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def kill_and_reap(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None) -> None:
     """End a child this benchmark started (by its own Popen), if it still runs."""
     if proc is not None and proc.poll() is None:

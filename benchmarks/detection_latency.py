@@ -96,16 +96,6 @@ def marker_rules() -> str:
     return out
 
 
-def schedstat(tid: int | None) -> tuple[int, int] | None:
-    """(ns on a CPU, ns runnable but waiting for a CPU) of a thread of this process, or None."""
-    try:
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            on_cpu, waiting, _slices = f.read().split()
-        return int(on_cpu), int(waiting)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -226,7 +216,7 @@ class Bench:
         sampler = threading.Thread(target=sample, name="bench-ring-sampler", daemon=True)
         sampler.start()
         lv.load_avg = os.getloadavg()[0]
-        sched0 = schedstat(self.trig.pipeline.native_id)
+        sched0 = _bench.schedstat(self.trig.pipeline.native_id)
         t_start = time.monotonic()
         if rate:
             load = self.load
@@ -271,7 +261,7 @@ class Bench:
             time.sleep(0.2)
             self.trig.release()
         lv.busy_s = time.monotonic() - t_start
-        sched1 = schedstat(self.trig.pipeline.native_id)
+        sched1 = _bench.schedstat(self.trig.pipeline.native_id)
         if sched0 is not None and sched1 is not None:
             lv.pipeline_cpu = (sched1[0] - sched0[0]) / 1e9 / lv.busy_s
             lv.pipeline_wait = (sched1[1] - sched0[1]) / 1e9 / lv.busy_s

@@ -41,16 +41,6 @@ MIX = "co" * 49 + "cx"
 
 
 
-def schedstat(tid: int | None) -> tuple[int, int] | None:
-    """(ns on a CPU, ns runnable but waiting for a CPU) of a thread of this process, or None."""
-    try:
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            on_cpu, waiting, _slices = f.read().split()
-        return int(on_cpu), int(waiting)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 @dataclass
 class Level:
     rate: int
@@ -132,7 +122,7 @@ class Bench:
         sampler = threading.Thread(target=sample, name="bench-ring-sampler", daemon=True)
         sampler.start()
         cg = self.cg
-        sched0 = schedstat(self.pipeline.native_id)
+        sched0 = _bench.schedstat(self.pipeline.native_id)
         t0 = time.monotonic()
         proc = subprocess.Popen([str(self.loadgen), str(rate), MIX, str(self.stop), str(seconds + 30),
                                  str(self.target)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -145,7 +135,7 @@ class Bench:
             _bench.kill_and_reap(proc)
         t1 = time.monotonic()
         handled = self.delivered - delivered0
-        sched1 = schedstat(self.pipeline.native_id)
+        sched1 = _bench.schedstat(self.pipeline.native_id)
         if proc.returncode != 0 or len(out.split()) != 2:
             raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {err[-500:]}")
         lv.produced, lv.seconds = int(out.split()[0]), float(out.split()[1])

@@ -185,11 +185,8 @@ class Scale:
 
     def monitor_wait_s(self) -> float:
         """Time the pipeline thread was runnable but waiting for a CPU (its schedstat); 0 if unknown."""
-        try:
-            with open(f"/proc/self/task/{self.pipeline.native_id}/schedstat") as f:
-                return int(f.read().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        found = _bench.schedstat(self.pipeline.native_id)
+        return found[1] / 1e9 if found is not None else 0.0
 
     def on_alert(self, alert: Alert) -> None:
         now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
