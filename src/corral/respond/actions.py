@@ -71,15 +71,15 @@ def _kill_tree(alert: Alert, target: Target) -> str:
     # could not finish (it is undone) still leaves the tree to kill as it is, forks racing.
     try:
         target.cgroup.freeze()
+        frozen, unfrozen_why = True, ""
     except CorralError as e:
-        killed = _signal_all([pid, *descendants(pid, target.cgroup.pids())], target.cgroup)
-        return f"killed {killed} process{'es' if killed != 1 else ''}, without freezing first ({e})"
+        frozen, unfrozen_why = False, f", without freezing first ({e})"
     try:
-        tree = descendants(pid, target.cgroup.pids())
-        killed = _signal_all([pid, *tree], target.cgroup)
+        killed = _signal_all([pid, *descendants(pid, target.cgroup.pids())], target.cgroup)
     finally:
-        target.cgroup.thaw()  # (killed processes die only once thawed)
-    return f"killed {killed} process{'es' if killed != 1 else ''}"
+        if frozen:
+            target.cgroup.thaw()  # (a process frozen by v1's freezer dies only once thawed)
+    return f"killed {killed} process{'es' if killed != 1 else ''}{unfrozen_why}"
 
 
 def _freeze(alert: Alert, target: Target) -> str:
