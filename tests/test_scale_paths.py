@@ -31,6 +31,7 @@ from corral.enrich import proctable
 from corral.sandbox import cgroups
 from corral.sandbox.cgroups import Limits, LimitWatch, SandboxCgroup, sandbox_name
 from corral.sandbox.runner import STATE_DIR, SandboxFrozen
+from corral.sensor import host
 
 NS = 1_000_000_000
 RULES = Path(__file__).parent / "rules" / "respond.yaml"
@@ -270,7 +271,7 @@ def test_cpu_detector_reads_a_process_only_once_it_could_conclude(monkeypatch: p
     """Processes learned from their fork or exec are not read from /proc before the window could be
     full; one that was much older than it was taken to be (learned at an exec long after it started)
     is sampled from that first read on."""
-    tick_ns = cpu_mod._TICK_NS
+    tick_ns = host.TICK_NS
     t0 = 1000 * NS
     started = {200: t0, 300: t0 - 10_000_000, 400: t0 - 100 * NS}  # 300: a step's command, seen at its exec
     reads: list[int] = []

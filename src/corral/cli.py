@@ -21,6 +21,7 @@ from corral.drills.cli import add_drill_parsers
 from corral.errors import CorralError
 from corral.monitor import Monitor
 from corral.rules.cli import add_rules_parser
+from corral.sensor.host import proc_stat
 
 
 def format_line(e: ev.Event) -> str:
@@ -84,11 +85,8 @@ def _trace_command(mon: Monitor, argv: list[str], emit: Callable[[Sequence[ev.Ev
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a zombie's parent has not reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def _trace_existing(mon: Monitor, cgroup: str | None, pid: int | None,

@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from corral.errors import CorralError, HostError
+from corral.sensor.host import proc_stat
 
 DEFAULT_NAME = "corral-lab"
 #: Under corral's state directory (CORRAL_STATE_DIR), not /run: sshd gets a private tmpfs on /run
@@ -118,14 +119,10 @@ def assert_no_route_out(netns: str) -> None:
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot: with the pid, an identity that survives
     pid reuse (a recycled pid has a later start time)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return None  # a zombie runs nothing
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = proc_stat(pid)
+    if fields is None or fields[0] == b"Z":
+        return None  # gone, or a zombie, which runs nothing
+    return int(fields[19])
 
 
 def _descendants(pid: int) -> list[int]:

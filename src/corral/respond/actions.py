@@ -22,6 +22,7 @@ from typing import Protocol
 from corral.detect.engine import Alert
 from corral.errors import CorralError
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.sensor.host import proc_stat
 
 ACTIONS = ("alert", "kill", "kill_tree", "freeze", "cut_network", "stop")
 
@@ -122,11 +123,8 @@ def descendants(root: int, candidates: list[int]) -> list[int]:
 
 
 def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields is not None else None
 
 
 def _signal_all(pids: list[int], cgroup: SandboxCgroup) -> int:

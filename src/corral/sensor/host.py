@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from corral.errors import HostError
+from corral.events import wall_time_ns
 
 TRACEFS = Path("/sys/kernel/tracing")
 BPFFS = Path("/sys/fs/bpf")
@@ -91,25 +91,32 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-#: a process's start time is known to a clock tick (and boot time from two clock reads)
-_START_SLACK_NS = 2 * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+#: one clock tick (USER_HZ), the unit of /proc/PID/stat's times
+TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name, from the state on (man 5 proc's field
+    N is item N - 3: ppid [1], utime [11], stime [12], starttime [19]); None when the process is
+    gone or unreadable.  (The name may hold spaces and parentheses: the fields start after the
+    last ')'.)"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2:].split()
 
 
 def owner_alive(pid: int, made_ns: int) -> bool:
     """Whether the process that made something at `made_ns` (wall clock) is still alive: a process
-    with this pid exists, and it had started by then.  A later process given the same pid number
-    (pids wrap around on a busy host) is not the owner, so what the dead owner left is reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return pid_alive(pid)
-    start_ticks = int(raw[raw.rfind(b")") + 2:].split()[19])  # comm may hold spaces and parentheses
-    boot_wall_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-    started_ns = boot_wall_ns + start_ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    return started_ns <= made_ns + _START_SLACK_NS
+    with this pid exists, and it had started by then (to a clock tick, and two for the clocks'
+    reads).  A later process given the same pid number (pids wrap around on a busy host) is not
+    the owner, so what the dead owner left is reaped."""
+    fields = proc_stat(pid)
+    if fields is None:
+        return pid_alive(pid)  # gone, or not ours to read (then only the pid can tell)
+    return wall_time_ns(int(fields[19]) * TICK_NS) <= made_ns + 2 * TICK_NS
 
 
 def left_by_dead_owner(path: Path, pid: int) -> bool:

@@ -20,14 +20,13 @@ the next tick, as before, for its start time.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
 from corral import events as ev
 from corral.detect.detectors._common import EINPROGRESS, NS, Lru, due, hostport, outbound
+from corral.sensor.host import TICK_NS, proc_stat
 
-_TICK_NS = NS // os.sysconf("SC_CLK_TCK")
 #: a process that started at most this long before it was first seen is taken as seen from its birth
 #: (a step's first process starts in corral's cgroup and is seen from its exec, milliseconds later)
 _BIRTH_SLACK_NS = NS
@@ -50,13 +49,10 @@ class _Proc:
 
 def _cpu_ns(pid: int) -> tuple[int, int] | None:
     """(starttime, utime + stime in ns) of a process, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return None
-    fields = raw[raw.rfind(b")") + 2:].split()  # comm may hold spaces and parentheses
-    return int(fields[19]), (int(fields[11]) + int(fields[12])) * _TICK_NS
+    return int(fields[19]), (int(fields[11]) + int(fields[12])) * TICK_NS
 
 
 class CpuSaturationDetector:
@@ -160,7 +156,7 @@ class CpuSaturationDetector:
         """Take the process's /proc starttime (clock ticks since boot); False if it shows a process
         started after this one was seen: its pid was reused."""
         proc.start = start
-        start_ns = start * _TICK_NS
+        start_ns = start * TICK_NS
         if start_ns > proc.seen_ns:
             return False
         if start_ns >= proc.seen_ns - _BIRTH_SLACK_NS:
